@@ -1,0 +1,1 @@
+"""medseg's TFDS dataset builders (installed as the ``medseg_datasets`` package)."""

@@ -1,0 +1,116 @@
+"""The library side of medseg's datasets: find, build and describe TFDS builders.
+
+The builders themselves live in the ``medseg_datasets`` package (the repository's
+``datasets/`` folder); importing a builder's module registers it with TFDS.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from medseg.datasets.fingerprint import FingerprintAccumulator, fingerprint_hash
+
+__all__ = [
+    "KNOWN_DATASETS",
+    "FingerprintAccumulator",
+    "fingerprint_hash",
+    "get_builder",
+    "prepare",
+    "read_fingerprint",
+]
+
+# dataset name -> module whose import registers the builder with TFDS
+KNOWN_DATASETS: dict[str, str] = {"kits_phantom": "medseg_datasets.kits_phantom"}
+
+
+def get_builder(
+    name: str, config: str | None = None, data_dir: str | None = None
+) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of a known dataset (not built by this call).
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`KNOWN_DATASETS`.
+    config : str, optional
+        Builder config name; None means the builder's default config.
+    data_dir : str, optional
+        TFDS data dir; None means TFDS's default (``~/tensorflow_datasets``).
+
+    Returns
+    -------
+    tfds.core.DatasetBuilder
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a known dataset or ``config`` not one of its configs; the
+        message lists the valid choices.
+    """
+    if name not in KNOWN_DATASETS:
+        known = ", ".join(sorted(KNOWN_DATASETS))
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {known}")
+    importlib.import_module(KNOWN_DATASETS[name])
+    builder_cls = tfds.builder_cls(name)
+    if config is not None and config not in builder_cls.builder_configs:
+        configs = ", ".join(builder_cls.builder_configs) or "(none)"
+        raise ValueError(f"dataset {name!r} has no config {config!r}; its configs: {configs}")
+    full_name = f"{name}/{config}" if config is not None else name
+    return tfds.builder(full_name, data_dir=data_dir)
+
+
+def prepare(
+    name: str, config: str | None = None, data_dir: str | None = None
+) -> tfds.core.DatasetBuilder:
+    """:func:`get_builder`, then build the dataset unless it is already built.
+
+    Builds in-process with ``download_and_prepare`` (the ``tfds build`` CLI would need
+    apache-beam).
+
+    Returns
+    -------
+    tfds.core.DatasetBuilder
+        A builder whose dataset is ready for ``as_dataset`` and :func:`read_fingerprint`.
+    """
+    builder = get_builder(name, config=config, data_dir=data_dir)
+    if not builder.is_prepared():
+        builder.download_and_prepare()
+    return builder
+
+
+def read_fingerprint(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
+    """The fingerprint stored with a built dataset, read without reading any record.
+
+    TFDS keeps ``builder.info.metadata`` as ``metadata.json`` beside
+    ``dataset_info.json`` in the dataset dir; the builder puts the fingerprint there.
+
+    Parameters
+    ----------
+    builder : tfds.core.DatasetBuilder
+        A builder of a built dataset.
+
+    Returns
+    -------
+    dict
+        The fingerprint (see :class:`FingerprintAccumulator`).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the dataset has no stored fingerprint (not built, or built by a builder that
+        does not record one); the message names the dataset dir.
+    """
+    # `info.metadata` (not a held reference) makes TFDS load metadata.json lazily
+    metadata = builder.info.metadata
+    fingerprint = metadata.get("fingerprint") if metadata is not None else None
+    if fingerprint is None:
+        state = "is built" if builder.is_prepared() else "is not built"
+        raise FileNotFoundError(
+            f"no fingerprint stored for dataset {builder.info.full_name} in "
+            f"{builder.data_dir} (the dataset {state}; a built dataset keeps it in "
+            f"metadata.json; rebuild it with medseg.datasets.prepare)"
+        )
+    return dict(fingerprint)

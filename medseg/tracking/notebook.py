@@ -1,0 +1,94 @@
+"""Executing parameterized notebooks with papermill, each inside its own MLflow run.
+
+The runner opens the run first and hands its id to the notebook as the ``run_id``
+parameter, so the notebook logs into that run; afterwards the executed notebook itself is
+logged to the same run, whether it succeeded or failed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import papermill
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+from medseg.config import TrackingConfig
+from medseg.tracking.store import configure, resolve_tracking_uri
+
+OUTPUT_DIR = Path("mlruns") / "notebooks"
+
+
+def run_notebook(
+    notebook: str | Path,
+    parameters: dict[str, Any] | None = None,
+    tracking: TrackingConfig | None = None,
+    output: str | Path | None = None,
+    kernel_name: str = "python3",
+    log_output: bool = False,
+) -> tuple[Path, str]:
+    """Execute ``notebook`` with papermill inside a new MLflow run.
+
+    Parameters
+    ----------
+    notebook : path
+        A notebook with a cell tagged ``parameters`` that accepts ``run_id`` and
+        ``tracking_uri``.
+    parameters : dict
+        Values injected after the ``parameters`` cell.
+    output : path, optional
+        Where the executed notebook goes (default ``mlruns/notebooks/<name>-<run id>.ipynb``).
+
+    Returns
+    -------
+    output : Path
+        The executed notebook.
+    run_id : str
+        The MLflow run it logged to.
+
+    Raises
+    ------
+    papermill.PapermillExecutionError
+        If a cell fails; the run is then marked FAILED and the partial notebook is logged.
+    """
+    notebook = Path(notebook)
+    if not notebook.is_file():
+        raise FileNotFoundError(f"notebook {notebook} does not exist")
+    tracking = tracking or TrackingConfig()
+    experiment_id = configure(tracking)
+    uri = resolve_tracking_uri(tracking.tracking_uri)
+    client = MlflowClient(uri)
+    run = client.create_run(
+        experiment_id,
+        run_name=f"{notebook.stem}-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={"medseg.notebook": notebook.name},
+    )
+    run_id = run.info.run_id
+    if output is None:
+        output = OUTPUT_DIR / f"{notebook.stem}-{run_id}.ipynb"
+    output = Path(output).resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    params = dict(parameters or {})
+    params.update(run_id=run_id, tracking_uri=uri)
+    try:
+        papermill.execute_notebook(
+            str(notebook),
+            str(output),
+            parameters=params,
+            kernel_name=kernel_name,
+            cwd=os.getcwd(),
+            log_output=log_output,
+            progress_bar=False,
+        )
+    except BaseException:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    finally:
+        if output.exists():
+            client.log_artifact(run_id, str(output), "notebooks")
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id)  # a notebook that never opened the run
+    return output, run_id

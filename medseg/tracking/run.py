@@ -1,0 +1,209 @@
+"""Running an experiment inside an MLflow run and recording its whole lineage."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import numpy as np
+from mlflow.models import ModelSignature
+from mlflow.types.schema import Schema, TensorSpec
+
+from medseg.config import Config
+from medseg.evaluation.visuals import plot_learning_curves, write_overlay_gif
+from medseg.experiment import ExperimentResult, run_experiment
+from medseg.tracking.store import configure
+from medseg.training import describe_devices
+
+PACKAGES = ("medseg", "tensorflow", "keras", "tensorflow-datasets", "numpy", "mlflow")
+
+
+class MlflowMetrics(keras.callbacks.Callback):
+    """Log Keras' epoch metrics to the active MLflow run, one step per epoch."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        values = {k: float(v) for k, v in (logs or {}).items() if _finite(v)}
+        if values:
+            mlflow.log_metrics(values, step=epoch)
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def git_state(path: Path | None = None) -> dict[str, str]:
+    """The commit of the code and whether its tree had uncommitted changes."""
+    cwd = path or Path.cwd()
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+    return {"git.commit": commit, "git.dirty": str(bool(status)).lower()}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def model_signature(in_channels: int, num_classes: int) -> ModelSignature:
+    """Tensor signature of a 3D segmentation model (any batch and spatial size)."""
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1, in_channels), "image")]),
+        outputs=Schema(
+            [TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1, num_classes), "probabilities")]
+        ),
+    )
+
+
+def display_window(plan) -> tuple[float, float] | None:
+    """Intensity window for overlays: the clip range widened, so the foreground's
+    surroundings stay visible (for CT: fat dark, soft tissue grey, enhanced organs bright)."""
+    if plan.clip is None:
+        return None
+    lo, hi = plan.clip
+    width = hi - lo
+    return (lo - width, hi + width / 2)
+
+
+def _write_tsv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def log_result(result: ExperimentResult, log_model: bool = True) -> None:
+    """Log everything an experiment produced to the active run."""
+    setup = result.data
+    history = result.history
+    summary_metrics = {}
+    for key, stats in result.summary.items():
+        for stat in ("mean", "median"):
+            if _finite(stats.get(stat)):
+                summary_metrics[f"val_case_{key}_{stat}"] = float(stats[stat])
+    summary_metrics.update({f"time_{k}": v for k, v in result.timings.items()})
+    mlflow.log_metrics(summary_metrics)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "config.json").write_text(result.config.to_json())
+        (tmp / "plan.json").write_text(json.dumps(setup.plan.to_dict(), indent=2))
+        (tmp / "fingerprint.json").write_text(json.dumps(setup.fingerprint, indent=2))
+        (tmp / "split.json").write_text(
+            json.dumps({"train": setup.train_ids, "validation": setup.val_ids}, indent=2)
+        )
+        epochs = max((len(v) for v in history.values()), default=0)
+        keys = sorted(history)
+        _write_tsv(
+            tmp / "history.tsv",
+            ["epoch", *keys],
+            [[e, *(history[k][e] for k in keys)] for e in range(epochs)],
+        )
+        score_keys = sorted({k for c in result.cases for k in c.scores})
+        _write_tsv(
+            tmp / "validation_cases.tsv",
+            ["case_id", *score_keys],
+            [[c.case_id, *(c.scores.get(k, float("nan")) for k in score_keys)] for c in result.cases],
+        )
+        (tmp / "validation_summary.json").write_text(json.dumps(result.summary, indent=2))
+        for name in ("config.json", "plan.json", "fingerprint.json", "split.json"):
+            mlflow.log_artifact(str(tmp / name))
+        mlflow.log_artifact(str(tmp / "history.tsv"), "training")
+        mlflow.log_artifact(str(tmp / "validation_cases.tsv"), "evaluation")
+        mlflow.log_artifact(str(tmp / "validation_summary.json"), "evaluation")
+        if epochs:
+            plot_learning_curves(history, tmp / "learning_curve.png")
+            mlflow.log_artifact(str(tmp / "learning_curve.png"), "plots")
+        if result.example is not None:
+            ex = result.example
+            gif = tmp / f"overlay_{ex['case_id']}.gif"
+            write_overlay_gif(
+                gif,
+                ex["image"],
+                ex["truth"],
+                ex["pred"],
+                axis=0,
+                spacing=ex["spacing"],
+                window=display_window(setup.plan),
+            )
+            mlflow.log_artifact(str(gif), "plots")
+
+    if log_model:
+        # the inference graph only: no optimizer and no medseg loss, so the logged model
+        # loads wherever TensorFlow and Keras do, without medseg installed
+        model = result.model
+        inference = keras.Model(model.inputs, model.outputs, name=model.name)
+        mlflow.keras.log_model(
+            inference,
+            name="model",
+            signature=model_signature(int(model.input_shape[-1]), int(model.output_shape[-1])),
+            pip_requirements=[
+                f"tensorflow=={metadata.version('tensorflow')}",
+                f"keras=={keras.__version__}",
+            ],
+        )
+
+
+def run_training(
+    config: Config, run_id: str | None = None, extra_tags: dict[str, str] | None = None
+) -> tuple[ExperimentResult, str]:
+    """Run one experiment inside an MLflow run (a new one, or ``run_id`` if given).
+
+    Returns the experiment's result and the run id.
+    """
+    experiment_id = configure(config.tracking)
+    start = {"run_id": run_id} if run_id else {
+        "experiment_id": experiment_id,
+        "run_name": config.tracking.run_name,
+    }
+    with mlflow.start_run(**start) as run:
+        mlflow.log_params(
+            {k: json.dumps(v) if isinstance(v, list | dict) else v
+             for k, v in config.to_flat_dict().items()}
+        )
+        tags = {
+            "medseg.devices": ", ".join(describe_devices()),
+            "medseg.seed": str(config.seed),
+            **git_state(),
+            **{f"version.{k}": v for k, v in package_versions().items()},
+            **(extra_tags or {}),
+        }
+        mlflow.set_tags(tags)
+        result = run_experiment(config, callbacks=[MlflowMetrics()])
+        setup = result.data
+        mlflow.set_tags(
+            {
+                "dataset.name": setup.dataset_name,
+                "dataset.version": str(setup.builder.info.version),
+                "dataset.fingerprint_hash": setup.fingerprint_hash,
+            }
+        )
+        log_result(result, log_model=config.tracking.log_model)
+        return result, run.info.run_id

@@ -1,0 +1,99 @@
+"""Per-case Dice and summaries against hand-computed values and a numpy reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from medseg.evaluation import dice_per_class, dice_region, summarize
+
+
+def reference_dice(pred_mask, truth_mask):
+    """Dice by explicit counting over voxels."""
+    tp = fp = fn = 0
+    for p, t in zip(pred_mask.ravel().tolist(), truth_mask.ravel().tolist(), strict=True):
+        tp += p and t
+        fp += p and not t
+        fn += t and not p
+    return math.nan if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def test_dice_per_class_hand_computed():
+    pred = np.array([[0, 1, 1], [2, 2, 0]])
+    truth = np.array([[0, 1, 0], [2, 1, 0]])
+    dice = dice_per_class(pred, truth, [0, 1, 2, 3])
+    # class 0: pred {0, 5}, truth {0, 2, 5} -> 2*2/(2+3); class 1: pred {1, 2}, truth {1, 4}
+    # -> 2*1/4; class 2: pred {3, 4}, truth {3} -> 2*1/3; class 3 absent from both
+    assert dice[0] == pytest.approx(4 / 5)
+    assert dice[1] == pytest.approx(1 / 2)
+    assert dice[2] == pytest.approx(2 / 3)
+    assert math.isnan(dice[3])
+    assert list(dice) == [0, 1, 2, 3]
+
+
+def test_dice_is_zero_when_predicted_but_absent_in_truth_and_vice_versa():
+    truth = np.zeros((2, 3, 4), dtype=np.uint8)
+    pred = truth.copy()
+    pred[1, 2, 3] = 2
+    assert dice_per_class(pred, truth, [2]) == {2: 0.0}
+    assert dice_per_class(truth, pred, [2]) == {2: 0.0}
+    assert dice_region(pred, truth, [1, 2]) == 0.0
+    assert math.isnan(dice_region(truth, truth, [1, 2]))
+    assert dice_per_class(pred, pred, [2]) == {2: 1.0}
+
+
+def test_dice_region_hand_computed():
+    pred = np.array([0, 1, 2, 2, 0, 1])
+    truth = np.array([0, 2, 2, 1, 1, 0])
+    # kidney+tumour region: pred {1, 2, 3, 5}, truth {1, 2, 3, 4} -> 2*3/8
+    assert dice_region(pred, truth, [1, 2]) == pytest.approx(6 / 8)
+    # a one-label region is that class's Dice
+    assert dice_region(pred, truth, [2]) == dice_per_class(pred, truth, [2])[2]
+
+
+def test_dice_matches_numpy_reference_on_random_volumes():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        truth = rng.integers(0, 3, size=(5, 6, 7))
+        pred = np.where(rng.random(truth.shape) < 0.7, truth, rng.integers(0, 3, truth.shape))
+        dice = dice_per_class(pred, truth, [0, 1, 2])
+        for c in (0, 1, 2):
+            assert dice[c] == pytest.approx(reference_dice(pred == c, truth == c))
+        region = dice_region(pred, truth, (1, 2))
+        assert region == pytest.approx(reference_dice(pred > 0, truth > 0))
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="shape"):
+        dice_per_class(np.zeros((2, 3)), np.zeros((3, 2)), [1])
+
+
+def test_summarize_ignores_nan_and_non_numeric_entries():
+    per_case = [
+        {"case": "a", "dice_kidney": 0.9, "dice_tumor": math.nan},
+        {"case": "b", "dice_kidney": 0.7, "dice_tumor": 0.5},
+        {"case": "c", "dice_kidney": np.float32(0.8), "dice_tumor": 0.1},
+        {"case": "d", "dice_kidney": 0.2},  # a missing key counts as NaN
+    ]
+    summary = summarize(per_case)
+    assert set(summary) == {"dice_kidney", "dice_tumor"}
+    kidney = summary["dice_kidney"]
+    assert kidney["n"] == 4
+    assert kidney["mean"] == pytest.approx(np.mean([0.9, 0.7, 0.8, 0.2]))
+    assert kidney["median"] == pytest.approx(0.75)
+    assert kidney["std"] == pytest.approx(np.std([0.9, 0.7, 0.8, 0.2]), rel=1e-6)
+    tumor = summary["dice_tumor"]
+    assert tumor == pytest.approx({"mean": 0.3, "median": 0.3, "std": 0.2, "n": 2})
+
+
+def test_summarize_all_nan_metric_is_nan_without_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = summarize([{"dice_tumor": math.nan}, {"dice_tumor": math.nan}])
+    assert summary["dice_tumor"]["n"] == 0
+    assert all(math.isnan(summary["dice_tumor"][k]) for k in ("mean", "median", "std"))
+    assert summarize([]) == {}

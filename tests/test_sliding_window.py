@@ -1,0 +1,239 @@
+"""Sliding-window prediction against brute-force numpy references."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from medseg.inference import gaussian_importance, predict_sliding_window, window_starts
+
+# -- window_starts -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "patch", "overlap"),
+    [(10, 4, 0.5), (11, 4, 0.5), (13, 6, 0.5), (7, 3, 0.0), (9, 4, 0.9), (64, 32, 0.25)],
+)
+def test_window_starts_cover_every_index_and_end_flush(size, patch, overlap):
+    starts = window_starts(size, patch, overlap)
+    covered = np.zeros(size, dtype=int)
+    for s in starts:
+        covered[s : s + patch] += 1
+    assert covered.min() >= 1
+    assert starts[0] == 0
+    assert starts[-1] == size - patch
+    assert starts == sorted(set(starts))
+    step = max(1, int(patch * (1 - overlap) + 1e-9))
+    assert all(b - a == step for a, b in itertools.pairwise(starts[:-1]))
+
+
+def test_window_starts_examples():
+    assert window_starts(10, 4, 0.5) == [0, 2, 4, 6]
+    assert window_starts(11, 4, 0.5) == [0, 2, 4, 6, 7]
+    assert window_starts(5, 5, 0.5) == [0]
+    assert window_starts(5, 5, 0.0) == [0]
+    # overlap 0 tiles without overlap, then one window flush with the end
+    assert window_starts(12, 4, 0.0) == [0, 4, 8]
+    assert window_starts(13, 4, 0.0) == [0, 4, 8, 9]
+    # float error in patch * (1 - overlap) must not shrink the step
+    assert window_starts(12, 10, 0.9) == [0, 1, 2]
+
+
+def test_window_starts_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="pad"):
+        window_starts(3, 4, 0.5)
+    with pytest.raises(ValueError, match="overlap"):
+        window_starts(8, 4, 1.0)
+
+
+# -- gaussian_importance -------------------------------------------------------------------
+
+
+def test_gaussian_importance_is_the_normalised_gaussian():
+    patch = (8, 12, 16)
+    weights = gaussian_importance(patch)
+    assert weights.shape == patch
+    assert weights.dtype == np.float32
+    # sigma = patch / 8 keeps the whole patch inside scipy's 4-sigma truncation radius, so
+    # the filtered delta is exactly the sampled Gaussian up to normalisation
+    grids = np.meshgrid(*(np.arange(p) for p in patch), indexing="ij")
+    exponent = sum(
+        (g - p // 2) ** 2 / (2 * (p / 8) ** 2) for g, p in zip(grids, patch, strict=True)
+    )
+    np.testing.assert_allclose(weights, np.exp(-exponent), rtol=1e-5, atol=1e-7)
+    assert weights.max() == 1.0
+    assert weights[4, 6, 8] == 1.0
+
+
+def test_gaussian_importance_replaces_zeros():
+    weights = gaussian_importance((32,), sigma_scale=1 / 32)  # sigma 1: truncated at 4 voxels
+    assert weights.min() > 0
+    nonzero_tail = weights[16 + 4]
+    np.testing.assert_array_equal(weights[: 16 - 4], nonzero_tail)
+    np.testing.assert_array_equal(weights[16 + 5 :], nonzero_tail)
+
+
+# -- merging against a brute-force reference ----------------------------------------------
+
+NUM_CLASSES = 3
+
+
+def coordinate_image(shape, rng):
+    """Channels: one coordinate per spatial axis, then random noise."""
+    coords = np.stack(np.meshgrid(*(np.arange(s) for s in shape), indexing="ij"), axis=-1)
+    noise = rng.normal(size=(*shape, 2))
+    return np.concatenate([coords, noise], axis=-1).astype(np.float32)
+
+
+def make_predict_fn(ndim, channels, seed=0):
+    """Softmax of a fixed linear map plus a term that depends on the patch's origin.
+
+    The origin is read from the coordinate channels of the patch's first voxel, so the
+    function depends on its input batch only, yet gives one voxel a different prediction in
+    every patch containing it.
+    """
+    rng = np.random.default_rng(seed)
+    linear = rng.normal(size=(channels, NUM_CLASSES))
+    origin_map = rng.normal(size=(ndim, NUM_CLASSES))
+    calls = []
+
+    def predict_fn(batch):
+        assert batch.dtype == np.float32
+        calls.append(len(batch))
+        origins = batch[(slice(None),) + (0,) * ndim + (slice(0, ndim),)]  # (B, ndim)
+        logits = batch.astype(np.float64) @ linear
+        logits += np.sin(origins @ origin_map).reshape((-1,) + (1,) * ndim + (NUM_CLASSES,))
+        logits -= logits.max(axis=-1, keepdims=True)
+        probs = np.exp(logits)
+        return probs / probs.sum(axis=-1, keepdims=True)
+
+    predict_fn.calls = calls
+    return predict_fn
+
+
+def brute_force_merge(image, predict_fn, patch, origins, weights):
+    """Per voxel: sum of w * p over the windows containing it, divided by the sum of w."""
+    patch_probs = [
+        predict_fn(image[tuple(slice(o, o + p) for o, p in zip(org, patch, strict=True))][None])[0]
+        for org in origins
+    ]
+    spatial = image.shape[:-1]
+    out = np.zeros((*spatial, NUM_CLASSES))
+    coverage = np.zeros(spatial, dtype=int)
+    for voxel in itertools.product(*(range(s) for s in spatial)):
+        num = np.zeros(NUM_CLASSES)
+        den = 0.0
+        for org, probs in zip(origins, patch_probs, strict=True):
+            local = tuple(v - o for v, o in zip(voxel, org, strict=True))
+            if all(0 <= x < p for x, p in zip(local, patch, strict=True)):
+                num += weights[local] * probs[local]
+                den += weights[local]
+                coverage[voxel] += 1
+        out[voxel] = num / den
+    return out, coverage
+
+
+@pytest.mark.parametrize("weighting", ["mean", "gaussian"])
+def test_merge_matches_brute_force_3d(weighting):
+    rng = np.random.default_rng(1)
+    shape, patch = (6, 7, 5), (4, 4, 4)
+    image = coordinate_image(shape, rng)
+    predict_fn = make_predict_fn(3, image.shape[-1])
+    # starts per axis: [0, 2], [0, 2, 3], [0, 1]
+    origins = list(itertools.product([0, 2], [0, 2, 3], [0, 1]))
+    weights = gaussian_importance(patch) if weighting == "gaussian" else np.ones(patch)
+
+    expected, coverage = brute_force_merge(image, predict_fn, patch, origins, weights)
+    predict_fn.calls.clear()
+    result = predict_sliding_window(
+        image, predict_fn, patch, NUM_CLASSES, overlap=0.5, batch_size=5, weighting=weighting
+    )
+
+    assert {1, 2, 4, 8} <= set(np.unique(coverage))  # voxels covered by 1, 2, 4 and 8 patches
+    assert predict_fn.calls == [5, 5, 2]  # 12 windows in batches of 5
+    assert result.shape == (*shape, NUM_CLASSES)
+    assert result.dtype == np.float32
+    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.sum(axis=-1), 1.0, atol=1e-5)
+    # merging really matters here: a single patch's prediction differs from the merge
+    first_patch = predict_fn(image[None, :4, :4, :4])[0]
+    assert not np.allclose(first_patch[2:4, 2:4, 1:4], result[2:4, 2:4, 1:4], atol=1e-3)
+
+
+@pytest.mark.parametrize("weighting", ["mean", "gaussian"])
+def test_merge_matches_brute_force_2d_with_padding(weighting):
+    rng = np.random.default_rng(2)
+    shape, patch = (3, 9), (6, 4)  # axis 0 is padded to 6, axis 1 has starts [0, 2, 4, 5]
+    image = coordinate_image(shape, rng)
+    predict_fn = make_predict_fn(2, image.shape[-1])
+    padded = np.pad(image, [(1, 2), (0, 0), (0, 0)], constant_values=-7.5)
+    origins = list(itertools.product([0], [0, 2, 4, 5]))
+    weights = gaussian_importance(patch) if weighting == "gaussian" else np.ones(patch)
+
+    expected, _ = brute_force_merge(padded, predict_fn, patch, origins, weights)
+    result = predict_sliding_window(
+        image, predict_fn, patch, NUM_CLASSES, overlap=0.5, weighting=weighting, pad_value=-7.5
+    )
+    assert result.shape == (*shape, NUM_CLASSES)
+    np.testing.assert_allclose(result, expected[1:4], rtol=1e-5, atol=1e-6)
+
+
+# -- identity on one-hot input ------------------------------------------------------------
+
+
+def one_hot_image(shape, num_classes, rng):
+    labels = rng.integers(0, num_classes, size=shape)
+    return np.eye(num_classes, dtype=np.float32)[labels]
+
+
+@pytest.mark.parametrize("weighting", ["mean", "gaussian"])
+@pytest.mark.parametrize(
+    ("shape", "patch", "overlap"),
+    [
+        ((11, 13), (4, 5), 0.5),  # non-divisible
+        ((3, 10), (8, 4), 0.25),  # padded along axis 0
+        ((9, 2, 7), (4, 4, 4), 0.5),  # 3D, padded along axis 1
+        ((2, 3, 1), (4, 4, 4), 0.5),  # smaller than the patch everywhere
+        ((10, 11, 12), (4, 5, 6), 0.0),
+    ],
+)
+def test_identity_reproduces_one_hot_input(shape, patch, overlap, weighting):
+    image = one_hot_image(shape, 3, np.random.default_rng(3))
+    result = predict_sliding_window(
+        image, lambda batch: batch.copy(), patch, 3, overlap=overlap, weighting=weighting
+    )
+    assert result.shape == image.shape
+    np.testing.assert_array_equal(result, image)
+
+
+def test_output_shape_is_checked():
+    image = np.zeros((8, 8, 1), dtype=np.float32)
+    with pytest.raises(ValueError, match="expected"):
+        predict_sliding_window(image, lambda b: np.zeros((len(b), 4, 4, 3)), (4, 4), 2)
+    with pytest.raises(ValueError, match="spatial"):
+        predict_sliding_window(image, lambda b: b, (4, 4, 4), 1)
+    with pytest.raises(ValueError, match="weighting"):
+        predict_sliding_window(image, lambda b: b, (4, 4), 1, weighting="median")
+
+
+# -- a real Keras model -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weighting", ["mean", "gaussian"])
+def test_keras_model_passed_directly_equals_whole_image(weighting):
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    channels, classes = 2, 3
+    inputs = keras.Input(shape=(None, None, None, channels))
+    outputs = keras.layers.Conv3D(classes, 1, activation="softmax")(inputs)
+    model = keras.Model(inputs, outputs)
+
+    image = np.random.default_rng(4).normal(size=(7, 9, 3, channels)).astype(np.float32)
+    result = predict_sliding_window(
+        image, model, (4, 4, 4), classes, overlap=0.5, batch_size=4, weighting=weighting
+    )
+    whole = np.asarray(model.predict_on_batch(image[None]))[0]
+    assert result.shape == whole.shape
+    np.testing.assert_allclose(result, whole, rtol=1e-5, atol=1e-6)
