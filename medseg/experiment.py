@@ -154,10 +154,11 @@ def evaluate_cases(
         )
         truth = ex["label"]
         scores = {
-            f"dice_{setup.class_names[c]}": d for c, d in dice_per_class(pred, truth, classes).items()
+            f"dice_{setup.class_names[c]}": float(d)
+            for c, d in dice_per_class(pred, truth, classes).items()
         }
         for region, labels in setup.regions.items():
-            scores[f"dice_{region}"] = dice_region(pred, truth, labels)
+            scores[f"dice_{region}"] = float(dice_region(pred, truth, labels))
         results.append(CaseResult(case_id, scores))
         # keep the case with the most foreground classes for the overlay
         n_present = len(np.unique(truth))

@@ -86,3 +86,30 @@ def test_failing_notebook_marks_its_run_failed_and_logs_it(tmp_path):
     assert [a.path for a in client.list_artifacts(run.info.run_id, "notebooks")] == [
         "notebooks/fails.out.ipynb"
     ]
+
+
+def test_train_notebook_defaults_are_the_config_defaults():
+    """The notebook's parameters must not drift from the library's defaults."""
+    from medseg.config import Config
+
+    nb = nbformat.read(Path(__file__).parents[1] / "notebooks" / "train.ipynb", as_version=4)
+    (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    params: dict = {}
+    exec(cell.source, {}, params)
+    flat = Config().to_flat_dict()
+    mapping = {
+        "dataset": "data.dataset",
+        "config_name": "data.config",
+        "data_dir": "data.data_dir",
+        "epochs": "train.epochs",
+        "steps_per_epoch": "train.steps_per_epoch",
+        "patch_size": "patch.patch_size",
+        "batch_size": "patch.batch_size",
+        "filters": "model.filters",
+        "depth": "model.depth",
+        "learning_rate": "train.learning_rate",
+        "seed": "seed",
+        "tracking_uri": "tracking.tracking_uri",
+    }
+    for name, key in mapping.items():
+        assert params[name] == flat[key], (name, params[name], flat[key])
