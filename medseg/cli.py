@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -23,10 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="builder config, e.g. tiny or small")
     p.add_argument("--data-dir", help="TFDS data dir (default: TFDS's)")
 
-    p = sub.add_parser("info", help="show a built dataset's fingerprint")
+    p = sub.add_parser("info", help="summarise a built dataset's fingerprint")
     p.add_argument("dataset")
     p.add_argument("--config")
     p.add_argument("--data-dir")
+    p.add_argument("--json", action="store_true", help="print the raw fingerprint as JSON")
 
     p = sub.add_parser("train", help="train and evaluate one model, logged to MLflow")
     p.add_argument("--config", dest="config_file", help="a .json or .toml config file")
@@ -41,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=Config().tracking.tracking_uri)
     p.add_argument("--experiment", default=Config().tracking.experiment)
     p.add_argument("--output", help="where the executed notebook is written")
+    p.add_argument("--quiet", action="store_true", help="do not stream the cells' output")
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 against mlruns/")
     p.add_argument("--port", type=int, default=5000)
@@ -76,12 +79,79 @@ def cmd_build(args) -> None:
 
 
 def cmd_info(args) -> None:
+    """Summarise a built dataset's stored fingerprint (``--json``: print it raw).
+
+    Reads ``metadata.json`` only, never the records.
+    """
     from medseg import datasets
 
     builder = datasets.get_builder(args.dataset, args.config, args.data_dir)
     fp = datasets.read_fingerprint(builder)
+    if getattr(args, "json", False):
+        print(json.dumps(fp, indent=2))
+        return
     print(f"{builder.info.full_name} ({builder.data_dir})")
-    print(json.dumps(fp, indent=2))
+    print(format_fingerprint(fp))
+
+
+def _numbers(values, fmt: str = "{:.3g}") -> str:
+    if values is None:
+        return "n/a"
+    return " x ".join(fmt.format(v) for v in values)
+
+
+def format_fingerprint(fp: dict) -> str:
+    """A dataset fingerprint as the lines ``medseg info`` prints.
+
+    Parameters
+    ----------
+    fp : dict
+        From :func:`medseg.datasets.read_fingerprint`; keys missing from fingerprints of
+        older builds are shown as ``n/a``.
+
+    Returns
+    -------
+    str
+    """
+    lines = [f"cases: {fp['num_cases']}"]
+    total = sum(fp["class_voxel_counts"]) or 1
+    lines.append("classes:                       voxels  (share)   cases")
+    for index, name in enumerate(fp["class_names"]):
+        voxels = fp["class_voxel_counts"][index]
+        lines.append(
+            f"  {index:3d} {name:22s} {voxels:12d}  ({100 * voxels / total:5.1f} %)"
+            f"  {fp['class_case_counts'][index]:5d}"
+        )
+    lines.append(
+        f"spacing (mm): median {_numbers(fp['spacing_median'])}"
+        f"   range {_numbers(fp.get('spacing_min'))} .. {_numbers(fp.get('spacing_max'))}"
+    )
+    if fp.get("spacing_percentile_10") is not None:
+        lines.append(
+            f"              10-90 %  {_numbers(fp['spacing_percentile_10'])}"
+            f" .. {_numbers(fp['spacing_percentile_90'])}"
+        )
+    lines.append(
+        f"shape: median {_numbers(fp['shape_median'], '{:g}')}"
+        f"   range {_numbers(fp.get('shape_min'), '{:d}')}"
+        f" .. {_numbers(fp.get('shape_max'), '{:d}')}"
+    )
+    channels = fp.get("foreground_intensity_per_channel") or [fp["foreground_intensity"]]
+    for channel, stats in enumerate(channels):
+        title = "foreground_intensity" + (f" (channel {channel})" if len(channels) > 1 else "")
+        if stats.get("mean") is None:
+            lines.append(f"{title}: no foreground voxels")
+            continue
+        lines.append(
+            f"{title}: mean {stats['mean']:.4g}  std {stats['std']:.4g}"
+            f"  min {stats['min']:.4g}  max {stats['max']:.4g}"
+        )
+        lines.append(
+            f"  percentiles 0.5 / 50 / 99.5: {stats['percentile_00_5']:.4g}"
+            f" / {stats['median']:.4g} / {stats['percentile_99_5']:.4g}"
+            f"  ({stats['num_voxels']} voxels, {stats['num_samples']} sampled)"
+        )
+    return "\n".join(lines)
 
 
 def cmd_train(args) -> None:
@@ -106,7 +176,16 @@ def cmd_run(args) -> None:
 
     params = {name: _parse_value(value) for name, value in args.parameter}
     tracking = TrackingConfig(tracking_uri=args.tracking_uri, experiment=args.experiment)
-    output, run_id = run_notebook(args.notebook, params, tracking, args.output)
+    if not args.quiet:
+        # papermill logs each cell's output at INFO on its own logger
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        papermill_log = logging.getLogger("papermill")
+        papermill_log.addHandler(handler)
+        papermill_log.setLevel(logging.INFO)
+    output, run_id = run_notebook(
+        args.notebook, params, tracking, args.output, log_output=not args.quiet
+    )
     run = MlflowClient(resolve_tracking_uri(args.tracking_uri)).get_run(run_id)
     print(f"executed notebook: {output}")
     print(f"MLflow run {run_id} ({run.info.status})")

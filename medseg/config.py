@@ -71,6 +71,8 @@ class TrainConfig:
     epochs: int = 12
     steps_per_epoch: int = 25
     learning_rate: float = 3e-3
+    # "poly": nnU-Net's lr · (1 - step/total)^0.9, ending near 0; "constant"
+    lr_schedule: str = "poly"
     optimizer: str = "adam"
     strategy: str = "auto"  # "auto" | "default" | "mirrored"
     deterministic: bool = True

@@ -55,3 +55,17 @@ def test_default_strategy_training_lowers_the_loss(tiny_data_dir):
     setup = prepare_data(config)
     _, history = train_model(config, setup)
     assert history["loss"][-1] < history["loss"][0]
+
+
+def test_poly_learning_rate_matches_nnunet_formula():
+    from medseg.config import TrainConfig
+    from medseg.training import make_learning_rate
+
+    config = TrainConfig(learning_rate=0.01, epochs=4, steps_per_epoch=25, lr_schedule="poly")
+    schedule = make_learning_rate(config)
+    for step in (0, 1, 50, 99, 100):
+        expected = 0.01 * (1 - min(step, 100) / 100) ** 0.9
+        assert abs(float(schedule(step)) - expected) < 1e-7
+    assert make_learning_rate(TrainConfig(lr_schedule="constant", learning_rate=0.5)) == 0.5
+    with pytest.raises(ValueError, match="train.lr_schedule='cosine'"):
+        make_learning_rate(TrainConfig(lr_schedule="cosine"))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from medseg.datasets.fingerprint import FingerprintAccumulator, fingerprint_hash
+from medseg.datasets.builder import CaseBuilder, case_features
 from medseg.io import kits19_affine
+from medseg.io.record import CaseRecord
 
 from .phantom import CLASS_NAMES, PhantomSpec, make_case
 
@@ -50,7 +52,7 @@ class KitsPhantomConfig(tfds.core.BuilderConfig):
         )
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(CaseBuilder):
     """DatasetBuilder for kits_phantom."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -81,18 +83,15 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     ]
     DEFAULT_BUILDER_CONFIG_NAME = "small"
 
+    # KiTS19's official "kidney" score is of kidney and tumour together (label > 0)
+    REGIONS = {"kidney_and_tumour": [1, 2]}
+
+    def class_names(self) -> list[str]:
+        return list(CLASS_NAMES)
+
     def _info(self) -> tfds.core.DatasetInfo:
-        volume = dict(shape=(None, None, None), encoding=tfds.features.Encoding.ZLIB)
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Tensor(dtype=np.int16, **volume),
-                    "label": tfds.features.Tensor(dtype=np.uint8, **volume),
-                    "spacing": tfds.features.Tensor(shape=(3,), dtype=np.float32),
-                    "affine": tfds.features.Tensor(shape=(4, 4), dtype=np.float64),
-                    "case_id": tfds.features.Text(),
-                }
-            ),
+            features=case_features(np.int16),
             supervised_keys=("image", "label"),
             homepage=_HOMEPAGE,
             metadata=tfds.core.MetadataDict(),
@@ -101,45 +100,20 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         """One ``train`` split with every case; medseg splits off validation itself."""
         del dl_manager  # nothing is downloaded: the phantom makes its own data
-        return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-        """Yield ``(case_id, example)`` one case at a time, fingerprinting each."""
         config = self.builder_config
-        spec = config.phantom_spec()
-        acc = FingerprintAccumulator(list(CLASS_NAMES), seed=config.seed)
-        self._fingerprint_acc = acc
-        for index in range(config.num_cases):
-            image, label, spacing = make_case((config.seed, index), spec)
-            # the fingerprint sees the spacing exactly as the record stores it
-            spacing = np.asarray(spacing, dtype=np.float32)
-            acc.add(image, label, spacing)
-            case_id = f"case_{index:05d}"
-            yield (
-                case_id,
-                {
-                    "image": image,
-                    "label": label,
-                    "spacing": spacing,
-                    "affine": kits19_affine(spacing),
-                    "case_id": case_id,
-                },
-            )
-        self._store_fingerprint(acc)
+        loaders = [functools.partial(_load_case, config, i) for i in range(config.num_cases)]
+        return {"train": self._generate_cases(loaders, fingerprint=True)}
 
-    def _download_and_prepare(self, dl_manager, download_config):
-        super()._download_and_prepare(dl_manager, download_config)
-        # TFDS writes info (with metadata.json) only after this returns; storing again
-        # here also covers a generator that was not run to its end
-        # (download_config.max_examples_per_split).
-        acc = getattr(self, "_fingerprint_acc", None)
-        if acc is not None:
-            self._store_fingerprint(acc)
 
-    def _store_fingerprint(self, acc: FingerprintAccumulator) -> None:
-        fingerprint = acc.result()
-        self.info.metadata["class_names"] = list(CLASS_NAMES)
-        # KiTS19's official "kidney" score is of kidney and tumour together (label > 0)
-        self.info.metadata["regions"] = {"kidney_and_tumour": [1, 2]}
-        self.info.metadata["fingerprint"] = fingerprint
-        self.info.metadata["fingerprint_hash"] = fingerprint_hash(fingerprint)
+def _load_case(config: KitsPhantomConfig, index: int) -> CaseRecord:
+    image, label, spacing = make_case((config.seed, index), config.phantom_spec())
+    # the record stores float32 spacing: the fingerprint and affine use exactly that
+    spacing = tuple(float(s) for s in np.asarray(spacing, dtype=np.float32))
+    return CaseRecord(
+        case_id=f"case_{index:05d}",
+        image=image,
+        spacing=spacing,
+        affine=kits19_affine(spacing),
+        label=label,
+        source=f"kits_phantom/{config.name} case {index}",
+    )

@@ -23,7 +23,13 @@ __all__ = [
 ]
 
 # dataset name -> module whose import registers the builder with TFDS
-KNOWN_DATASETS: dict[str, str] = {"kits_phantom": "medseg_datasets.kits_phantom"}
+KNOWN_DATASETS: dict[str, str] = {
+    "kits_phantom": "medseg_datasets.kits_phantom",
+    "nifti_folder": "medseg_datasets.nifti_folder",
+    "aal_colin27": "medseg_datasets.aal_colin27",
+    "kits19": "medseg_datasets.kits19",
+    "msd": "medseg_datasets.msd",
+}
 
 
 def get_builder(

@@ -67,15 +67,8 @@ class FingerprintAccumulator:
         self._case_counts = np.zeros(self._num_classes, dtype=np.int64)
         self._spacings: list[list[float]] = []
         self._shapes: list[list[int]] = []
-        # foreground intensity: count, float64 sum and sum of squared deviations
-        # (merged per case with Chan's formula, which stays exact where sum(x**2) would
-        # cancel), extrema and the per-case samples
-        self._fg_count = 0
-        self._fg_sum = 0.0
-        self._fg_m2 = 0.0
-        self._fg_min = np.inf
-        self._fg_max = -np.inf
-        self._samples: list[np.ndarray] = []
+        # one intensity accumulator per image channel, created by the first case
+        self._channels: list[_IntensityStats] | None = None
 
     @property
     def num_cases(self) -> int:
@@ -88,7 +81,8 @@ class FingerprintAccumulator:
         Parameters
         ----------
         image : np.ndarray
-            Intensities (any real dtype), same shape as ``label``.
+            Intensities (any real dtype), the shape of ``label`` or, for a multi-channel
+            image, ``label.shape + (C,)``. Every case must have the same channel count.
         label : np.ndarray
             Integer labels in ``0 .. len(class_names) - 1``.
         spacing : sequence of float
@@ -96,15 +90,24 @@ class FingerprintAccumulator:
         """
         image = np.asarray(image)
         label = np.asarray(label)
-        if image.shape != label.shape:
+        if image.shape == label.shape:
+            channels = 1
+        elif image.ndim == label.ndim + 1 and image.shape[:-1] == label.shape:
+            channels = image.shape[-1]
+        else:
             raise ValueError(f"image shape {image.shape} != label shape {label.shape}")
+        if self._channels is not None and channels != len(self._channels):
+            raise ValueError(
+                f"image has {channels} channel(s), earlier cases had {len(self._channels)}"
+            )
         if label.dtype.kind not in "ui":
             raise ValueError(f"label must have an integer dtype, got {label.dtype}")
         spacing_values = [float(s) for s in np.asarray(spacing, dtype=np.float64).reshape(-1)]
         if len(spacing_values) != label.ndim:
             raise ValueError(f"spacing {spacing_values} does not match a {label.ndim}-d label")
 
-        flat = label.reshape(-1)
+        # counts ignore voxel order; order K avoids copying NIfTI's Fortran-ordered arrays
+        flat = label.ravel(order="K")
         if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= self._num_classes):
             bad = sorted(set(np.unique(flat).tolist()) - set(range(self._num_classes)))
             raise ValueError(
@@ -113,37 +116,27 @@ class FingerprintAccumulator:
         if not np.can_cast(flat.dtype, np.intp):  # bincount refuses e.g. uint64
             flat = flat.astype(np.intp)
         counts = np.bincount(flat, minlength=self._num_classes)
+        if self._channels is None:
+            self._channels = [_IntensityStats() for _ in range(channels)]
         self._voxel_counts += counts
         self._case_counts += counts > 0
         self._spacings.append(spacing_values)
         self._shapes.append([int(n) for n in label.shape])
 
         case_index = self.num_cases - 1
-        foreground = image[label > 0]
-        if foreground.size == 0:
+        mask = label > 0
+        n = int(np.count_nonzero(mask))
+        if n == 0:
             return
-        values = foreground.astype(np.float64)
-        n = values.size
-        case_sum = float(values.sum())
-        case_mean = case_sum / n
-        case_m2 = float(np.square(values - case_mean).sum())
-        if self._fg_count:
-            delta = case_mean - self._fg_sum / self._fg_count
-            total = self._fg_count + n
-            self._fg_m2 += case_m2 + delta * delta * self._fg_count * n / total
-        else:
-            self._fg_m2 = case_m2
-        self._fg_count += n
-        self._fg_sum += case_sum
-        self._fg_min = min(self._fg_min, float(values.min()))
-        self._fg_max = max(self._fg_max, float(values.max()))
-
-        if n <= self.samples_per_case:
-            sample = foreground
-        else:
+        # one set of sampled voxels for every channel, drawn exactly as for one channel
+        # (so single-channel fingerprints are unchanged by multi-channel support)
+        chosen = None
+        if n > self.samples_per_case:
             rng = np.random.default_rng([self.seed, case_index])
-            sample = foreground[rng.choice(n, size=self.samples_per_case, replace=False)]
-        self._samples.append(np.array(sample, copy=True))
+            chosen = rng.choice(n, size=self.samples_per_case, replace=False)
+        for c, stats in enumerate(self._channels):
+            foreground = (image if channels == 1 else image[..., c])[mask]
+            stats.add(foreground, chosen)
 
     def result(self) -> dict[str, Any]:
         """The fingerprint of the cases added so far.
@@ -153,33 +146,40 @@ class FingerprintAccumulator:
         dict
             JSON-serialisable (plain ints, floats, lists, None) with ``num_cases``,
             ``class_names``, ``class_voxel_counts``, ``class_case_counts``, ``spacings``,
-            ``shapes``, ``spacing_median``, ``shape_median`` and ``foreground_intensity``
+            ``shapes``, ``spacing_median``, ``shape_median``, the per-axis spacing range
+            and spread ``spacing_min``, ``spacing_max``, ``spacing_percentile_10``,
+            ``spacing_percentile_90``, the per-axis ``shape_min`` and ``shape_max``, and
+            ``foreground_intensity``
             (``mean``, ``std``, ``min``, ``max`` exact over all foreground voxels;
             ``percentile_00_5``, ``percentile_99_5``, ``median`` from the sample;
             ``num_voxels``, ``num_samples``). Intensity statistics are None when no case
-            has foreground; the medians are None when no case was added.
+            has foreground; the medians and ranges are None when no case was added. For
+            images with ``C > 1`` channels ``foreground_intensity`` is channel 0's and
+            ``foreground_intensity_per_channel`` lists all ``C``.
         """
-        intensity: dict[str, Any] = dict.fromkeys(INTENSITY_KEYS)
-        intensity["num_voxels"] = int(self._fg_count)
-        intensity["num_samples"] = int(sum(s.size for s in self._samples))
-        if self._fg_count:
-            sample = np.concatenate(self._samples).astype(np.float64)
-            p_low, p_high, median = np.percentile(sample, [0.5, 99.5, 50.0])
-            intensity.update(
-                mean=self._fg_sum / self._fg_count,
-                std=float(np.sqrt(self._fg_m2 / self._fg_count)),
-                min=self._fg_min,
-                max=self._fg_max,
-                percentile_00_5=float(p_low),
-                percentile_99_5=float(p_high),
-                median=float(median),
-            )
+        channels = self._channels or [_IntensityStats()]
+        per_channel = [stats.result() for stats in channels]
 
         spacing_median = shape_median = None
+        spacing_summary: dict[str, Any] = dict.fromkeys(
+            ("spacing_min", "spacing_max", "spacing_percentile_10", "spacing_percentile_90")
+        )
+        shape_min = shape_max = None
         if self._shapes:
-            spacing_median = [float(v) for v in np.median(np.array(self._spacings), axis=0)]
-            shape_median = [float(v) for v in np.median(np.array(self._shapes), axis=0)]
-        return {
+            spacings = np.array(self._spacings, dtype=np.float64)
+            shapes = np.array(self._shapes, dtype=np.int64)
+            spacing_median = [float(v) for v in np.median(spacings, axis=0)]
+            shape_median = [float(v) for v in np.median(shapes, axis=0)]
+            p10, p90 = np.percentile(spacings, [10.0, 90.0], axis=0)
+            spacing_summary = {
+                "spacing_min": [float(v) for v in spacings.min(axis=0)],
+                "spacing_max": [float(v) for v in spacings.max(axis=0)],
+                "spacing_percentile_10": [float(v) for v in p10],
+                "spacing_percentile_90": [float(v) for v in p90],
+            }
+            shape_min = [int(v) for v in shapes.min(axis=0)]
+            shape_max = [int(v) for v in shapes.max(axis=0)]
+        result = {
             "num_cases": self.num_cases,
             "class_names": list(self.class_names),
             "class_voxel_counts": [int(c) for c in self._voxel_counts],
@@ -188,8 +188,68 @@ class FingerprintAccumulator:
             "shapes": [list(s) for s in self._shapes],
             "spacing_median": spacing_median,
             "shape_median": shape_median,
-            "foreground_intensity": intensity,
+            **spacing_summary,
+            "shape_min": shape_min,
+            "shape_max": shape_max,
+            # channel 0 for multi-channel data, so single-channel readers keep working
+            "foreground_intensity": per_channel[0],
         }
+        if len(per_channel) > 1:
+            result["foreground_intensity_per_channel"] = per_channel
+        return result
+
+
+class _IntensityStats:
+    """Foreground intensity statistics of one channel, merged case by case.
+
+    Keeps the count, the float64 sum and sum of squared deviations (merged per case with
+    Chan's formula, which stays exact where sum(x**2) would cancel), the extrema and the
+    per-case samples.
+    """
+
+    def __init__(self):
+        self.count = 0
+        self.total = 0.0
+        self.m2 = 0.0
+        self.low = np.inf
+        self.high = -np.inf
+        self.samples: list[np.ndarray] = []
+
+    def add(self, foreground: np.ndarray, chosen: np.ndarray | None) -> None:
+        values = foreground.astype(np.float64)
+        n = values.size
+        case_sum = float(values.sum())
+        case_mean = case_sum / n
+        case_m2 = float(np.square(values - case_mean).sum())
+        if self.count:
+            delta = case_mean - self.total / self.count
+            self.m2 += case_m2 + delta * delta * self.count * n / (self.count + n)
+        else:
+            self.m2 = case_m2
+        self.count += n
+        self.total += case_sum
+        self.low = min(self.low, float(values.min()))
+        self.high = max(self.high, float(values.max()))
+        sample = foreground if chosen is None else foreground[chosen]
+        self.samples.append(np.array(sample, copy=True))
+
+    def result(self) -> dict[str, Any]:
+        intensity: dict[str, Any] = dict.fromkeys(INTENSITY_KEYS)
+        intensity["num_voxels"] = int(self.count)
+        intensity["num_samples"] = int(sum(s.size for s in self.samples))
+        if self.count:
+            sample = np.concatenate(self.samples).astype(np.float64)
+            p_low, p_high, median = np.percentile(sample, [0.5, 99.5, 50.0])
+            intensity.update(
+                mean=self.total / self.count,
+                std=float(np.sqrt(self.m2 / self.count)),
+                min=self.low,
+                max=self.high,
+                percentile_00_5=float(p_low),
+                percentile_99_5=float(p_high),
+                median=float(median),
+            )
+        return intensity
 
 
 def fingerprint_hash(fp: dict[str, Any]) -> str:

@@ -10,7 +10,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["kits19_affine", "spacing_from_affine"]
+__all__ = [
+    "CaseRecord",
+    "MedsegIOError",
+    "kits19_affine",
+    "list_dicom_series",
+    "read_case",
+    "read_dicom_series",
+    "read_image2d",
+    "read_image2d_case",
+    "read_nifti",
+    "read_nifti_case",
+    "spacing_from_affine",
+    "write_like",
+    "write_nifti",
+]
 
 
 def spacing_from_affine(affine: np.ndarray) -> np.ndarray:
@@ -63,3 +77,17 @@ def kits19_affine(spacing: Sequence[float]) -> np.ndarray:
         ],
         dtype=np.float64,
     )
+
+
+# Readers come last: they import the helpers above from this package.
+from medseg.io.case import read_case  # noqa: E402
+from medseg.io.dicom import list_dicom_series, read_dicom_series  # noqa: E402
+from medseg.io.image2d import read_image2d, read_image2d_case  # noqa: E402
+from medseg.io.nifti import (  # noqa: E402
+    MedsegIOError,
+    read_nifti,
+    read_nifti_case,
+    write_like,
+    write_nifti,
+)
+from medseg.io.record import CaseRecord  # noqa: E402

@@ -13,6 +13,20 @@ from medseg.models import DiceCrossEntropyLoss, build_model, class_dice_metrics
 OPTIMIZERS = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
 
 
+def make_learning_rate(config: TrainConfig):
+    """The learning rate or schedule ``config`` asks for (schedules step per batch)."""
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    if config.lr_schedule == "poly":
+        return keras.optimizers.schedules.PolynomialDecay(
+            config.learning_rate,
+            decay_steps=max(config.epochs * config.steps_per_epoch, 1),
+            end_learning_rate=0.0,
+            power=0.9,
+        )
+    raise ValueError(f"train.lr_schedule={config.lr_schedule!r}: use 'poly' or 'constant'")
+
+
 def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
     try:
         optimizer = OPTIMIZERS[config.optimizer]
@@ -20,9 +34,10 @@ def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
         raise ValueError(
             f"train.optimizer={config.optimizer!r}: use one of {', '.join(OPTIMIZERS)}"
         ) from None
+    learning_rate = make_learning_rate(config)
     if config.optimizer == "sgd":
-        return optimizer(learning_rate=config.learning_rate, momentum=0.99, nesterov=True)
-    return optimizer(learning_rate=config.learning_rate)
+        return optimizer(learning_rate=learning_rate, momentum=0.99, nesterov=True)
+    return optimizer(learning_rate=learning_rate)
 
 
 def build_compiled_model(

@@ -1,0 +1,295 @@
+"""Benchmark: building a nifti_folder dataset against a bare nibabel read of its files.
+
+Generates ``--cases`` KiTS19-sized int16 CT volumes (phantom anatomy with CT noise, so
+they compress like real CT) as ``.nii.gz`` into a cached work dir, then measures, each
+in a fresh subprocess so its peak RSS (``ru_maxrss``) is its own:
+
+* ``read``: ``np.asanyarray(nib.load(p).dataobj)`` of every image and label;
+* ``build``: ``nifti_folder`` ``download_and_prepare`` of the same files into a fresh
+  data dir, with the time split into read (``read_nifti_case``), fingerprint, encode
+  (TFDS feature encoding, of which ZLIB compression is reported apart), serialize and
+  shuffle/write (the rest).
+
+Usage::
+
+    python benchmarks/build.py --cases 4 --shape 100 256 256   # quick check
+    python benchmarks/build.py --cases 10 && python benchmarks/build.py --cases 20
+
+MB/s counts uncompressed image voxel bytes (labels excluded) per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+DEFAULT_WORK_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medseg-bench"
+
+
+def case_dir(work_dir: Path, shape) -> Path:
+    return work_dir / "cases_{}x{}x{}".format(*shape)
+
+
+def generate(work_dir: Path, shape, count: int) -> Path:
+    """Write the missing cases ``case_000 .. case_{count-1}`` (cached between runs)."""
+    import nibabel as nib
+    import numpy as np
+    from medseg_datasets.kits_phantom.phantom import PhantomSpec, make_case
+
+    from medseg.io import kits19_affine
+
+    slices, rows, cols = shape
+    if rows != cols:
+        raise ValueError(f"the phantom is square in-plane; got {rows} x {cols}")
+    root = case_dir(work_dir, shape)
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    # a fixed 2.5 mm slice step makes the scan length give the slice count
+    spec = PhantomSpec(
+        inplane=rows,
+        z_extent_mm=(slices * 2.5, slices * 2.5),
+        slice_spacing_mm=(2.5, 2.5),
+    )
+    for index in range(count):
+        image_path = root / "imagesTr" / f"case_{index:03d}.nii.gz"
+        label_path = root / "labelsTr" / f"case_{index:03d}.nii.gz"
+        if image_path.exists() and label_path.exists():
+            continue
+        start = time.perf_counter()
+        image, label, spacing = make_case((1234, index), spec)
+        image, label = _fit(image, slices, -1000), _fit(label, slices, 0)
+        affine = kits19_affine(spacing)
+        # write to a temporary name first: an interrupted run leaves no half file cached
+        for array, path in ((label, label_path), (image, image_path)):
+            partial = path.with_name("partial_" + path.name)
+            nib.save(nib.Nifti1Image(np.ascontiguousarray(array), affine), partial)
+            partial.rename(path)
+        print(f"generated {image_path} ({time.perf_counter() - start:.1f} s)", flush=True)
+    return root
+
+
+def _fit(array, slices, fill):
+    """Crop or pad (with ``fill``) axis 0 to ``slices``."""
+    import numpy as np
+
+    if array.shape[0] >= slices:
+        return array[:slices]
+    pad = np.full((slices - array.shape[0], *array.shape[1:]), fill, array.dtype)
+    return np.concatenate([array, pad])
+
+
+def run_dir(work_dir: Path, shape, count: int) -> Path:
+    """A folder of symlinks to the first ``count`` cases, so a glob selects exactly them."""
+    source = case_dir(work_dir, shape)
+    root = work_dir / "runs" / "{}x{}x{}_n{}".format(*shape, count)
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            link = root / sub / f"case_{index:03d}.nii.gz"
+            if not link.exists():
+                link.symlink_to(source / sub / link.name)
+    return root
+
+
+def peak_rss_mb() -> float:
+    # Linux reports ru_maxrss in kilobytes
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_read(root: Path) -> dict:
+    import nibabel as nib
+    import numpy as np
+
+    image_bytes = 0
+    start = time.perf_counter()
+    for path in sorted((root / "imagesTr").glob("*.nii.gz")):
+        image = np.asanyarray(nib.load(path).dataobj)
+        label = np.asanyarray(nib.load(root / "labelsTr" / path.name).dataobj)
+        image_bytes += image.nbytes
+        del image, label
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "image_bytes": image_bytes, "peak_rss_mb": peak_rss_mb()}
+
+
+class _Timer:
+    """Accumulated wall time of wrapped functions, by name."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, name, function):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+        return timed
+
+
+def measure_build(root: Path, data_dir: Path) -> dict:
+    import types
+
+    import psutil
+    import tensorflow as tf  # noqa: F401  (imported now: TFDS would import it mid-build)
+    import tensorflow_datasets as tfds
+    from medseg_datasets.nifti_folder import Builder, NiftiFolderConfig
+    from tensorflow_datasets.core import example_serializer, writer
+    from tensorflow_datasets.core.features import tensor_feature
+
+    import medseg.io
+    from medseg.datasets.fingerprint import FingerprintAccumulator
+
+    baseline_mb = psutil.Process().memory_info().rss / 2**20
+    # instrument without touching the code under test: each wrapper adds its wall time
+    timer = _Timer()
+    medseg.io.read_nifti_case = timer.wrap("read", medseg.io.read_nifti_case)
+    FingerprintAccumulator.add = timer.wrap("fingerprint", FingerprintAccumulator.add)
+    features_dict = tfds.features.FeaturesDict
+    features_dict.encode_example = timer.wrap("encode", features_dict.encode_example)
+    zlib_proxy = types.SimpleNamespace(
+        compress=timer.wrap("zlib", tensor_feature.zlib.compress),
+    )
+    tensor_feature.zlib = zlib_proxy
+    serializer = example_serializer.ExampleSerializer
+    serializer.serialize_example = timer.wrap("serialize", serializer.serialize_example)
+    writer.Writer.finalize = timer.wrap("finalize", writer.Writer.finalize)
+
+    config = NiftiFolderConfig(
+        name="bench",
+        root=str(root),
+        images="imagesTr/*.nii.gz",
+        label_template="labelsTr/{case}.nii.gz",
+        class_names=("background", "kidney", "tumour"),
+    )
+    builder = Builder(config=config, data_dir=str(data_dir))
+    start = time.perf_counter()
+    builder.download_and_prepare()
+    seconds = time.perf_counter() - start
+    num_cases = builder.info.splits["train"].num_examples
+    stored = sum(f.stat().st_size for f in Path(builder.data_dir).glob("*.tfrecord*"))
+    return {
+        "seconds": seconds,
+        "num_cases": num_cases,
+        "stored_bytes": stored,
+        "parts": timer.seconds,
+        "baseline_rss_mb": baseline_mb,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def _subprocess(mode: str, args) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--measure",
+        mode,
+        "--cases",
+        str(args.cases),
+        "--shape",
+        *map(str, args.shape),
+        "--work-dir",
+        str(args.work_dir),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        sys.stderr.write(done.stderr[-5000:])
+        raise SystemExit(f"{mode} measurement failed ({done.returncode})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report(args, read: dict, build: dict) -> dict:
+    megabytes = read["image_bytes"] / 1e6
+    parts = build["parts"]
+    accounted = sum(parts.get(k, 0.0) for k in ("read", "fingerprint", "encode", "serialize"))
+    accounted += parts.get("finalize", 0.0)
+    summary = {
+        "cases": args.cases,
+        "shape": list(args.shape),
+        "image_mb": megabytes,
+        "read_s": read["seconds"],
+        "read_mb_s": megabytes / read["seconds"],
+        "read_peak_rss_mb": read["peak_rss_mb"],
+        "build_s": build["seconds"],
+        "build_mb_s": megabytes / build["seconds"],
+        "build_peak_rss_mb": build["peak_rss_mb"],
+        "build_baseline_rss_mb": build["baseline_rss_mb"],
+        "build_over_read": build["seconds"] / read["seconds"],
+        "stored_mb": build["stored_bytes"] / 1e6,
+        "parts_s": {**parts, "other": build["seconds"] - accounted},
+    }
+    print(f"{args.cases} cases of {' x '.join(map(str, args.shape))} int16 ({megabytes:.0f} MB)")
+    print(
+        f"  bare nibabel read: {read['seconds']:7.1f} s  {summary['read_mb_s']:7.1f} MB/s"
+        f"  peak RSS {read['peak_rss_mb']:7.0f} MB"
+    )
+    print(
+        f"  nifti_folder build:{build['seconds']:7.1f} s  {summary['build_mb_s']:7.1f} MB/s"
+        f"  peak RSS {build['peak_rss_mb']:7.0f} MB"
+        f" (TF imported: {build['baseline_rss_mb']:.0f} MB)"
+    )
+    print(f"  build / read: {summary['build_over_read']:.2f}  (target <= 1.5)")
+    print(f"  records on disk: {summary['stored_mb']:.0f} MB")
+    print("  where the build's time goes:")
+    labels = {
+        "read": "read (read_nifti_case)",
+        "fingerprint": "fingerprint",
+        "encode": "encode (TFDS features)",
+        "zlib": "  of which ZLIB compress",
+        "serialize": "serialize (tf.train.Example)",
+        "finalize": "shuffle + write shards",
+        "other": "other (generator, shuffler buffer, info)",
+    }
+    for key, label in labels.items():
+        value = summary["parts_s"].get(key, 0.0)
+        share = 100 * value / build["seconds"]
+        print(f"    {label:42s} {value:7.1f} s  {share:5.1f} %")
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=20)
+    parser.add_argument("--shape", type=int, nargs=3, default=[200, 512, 512])
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--measure", choices=["read", "build"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.measure:  # inside a measurement subprocess
+        root = run_dir(args.work_dir, args.shape, args.cases)
+        if args.measure == "read":
+            result = measure_read(root)
+        else:
+            data_dir = Path(tempfile.mkdtemp(prefix="tfds_", dir=args.work_dir))
+            try:
+                result = measure_build(root, data_dir)
+            finally:
+                shutil.rmtree(data_dir, ignore_errors=True)
+        print(json.dumps(result))
+        return 0
+
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    generate(args.work_dir, args.shape, args.cases)
+    run_dir(args.work_dir, args.shape, args.cases)
+    read = _subprocess("read", args)
+    build = _subprocess("build", args)
+    summary = report(args, read, build)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
