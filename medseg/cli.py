@@ -21,8 +21,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="build a dataset (TFDS download_and_prepare)")
     p.add_argument("dataset", help="dataset name, e.g. kits_phantom")
-    p.add_argument("--config", help="builder config, e.g. tiny or small")
+    p.add_argument("--config", help="builder config (e.g. tiny, small) or a .json config file")
     p.add_argument("--data-dir", help="TFDS data dir (default: TFDS's)")
+    p.add_argument("--manual-dir", help="where a manually downloaded dataset lies (kits19, msd)")
 
     p = sub.add_parser("info", help="summarise a built dataset's fingerprint")
     p.add_argument("dataset")
@@ -72,7 +73,10 @@ def _print_summary(summary: dict) -> None:
 def cmd_build(args) -> None:
     from medseg import datasets
 
-    builder = datasets.prepare(args.dataset, args.config, args.data_dir)
+    # one line per case written, beside TFDS's own progress bars
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("medseg.datasets").setLevel(logging.INFO)
+    builder = datasets.prepare(args.dataset, args.config, args.data_dir, args.manual_dir)
     fp = datasets.read_fingerprint(builder)
     print(f"built {builder.info.full_name} in {builder.data_dir}")
     print(f"  cases: {fp['num_cases']}  fingerprint: {datasets.fingerprint_hash(fp)}")

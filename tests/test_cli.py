@@ -60,3 +60,10 @@ def test_ui_serves_the_store_on_loopback(tmp_path, monkeypatch):
 def test_missing_config_file(argv, capsys):
     assert main(argv) == 2
     assert "missing.toml does not exist" in capsys.readouterr().err
+
+
+def test_manual_dataset_without_its_data_says_how_to_get_it(capsys, tmp_path):
+    assert main(["build", "kits19", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "kits19: the manually downloaded data was not found" in err
+    assert "--manual-dir" in err and "CC BY-NC-SA 4.0" in err

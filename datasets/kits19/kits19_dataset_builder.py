@@ -55,6 +55,10 @@ class Builder(CaseBuilder):
     then point `manual_dir` at the clone's `data/` folder (the one holding
     `case_00000/imaging.nii.gz`, `case_00000/segmentation.nii.gz`, ...):
 
+        medseg build kits19 --manual-dir /path/to/kits19/data
+
+    or, from Python:
+
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir="/path/to/kits19/data"))
     """

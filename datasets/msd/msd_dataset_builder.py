@@ -128,6 +128,10 @@ class Builder(CaseBuilder):
     http://medicaldecathlon.com/ (CC BY-SA 4.0), extract it, and point `manual_dir` at
     the folder holding `TaskXX_Name/` (or at the task folder itself):
 
+        medseg build msd --config Task04_Hippocampus --manual-dir /path/to/msd
+
+    or, from Python:
+
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir="/path/to/msd"))
     """

@@ -124,6 +124,12 @@ class NiftiFolderConfig(tfds.core.BuilderConfig):
 class Builder(CaseBuilder):
     """DatasetBuilder for a folder of the user's own NIfTI or DICOM cases."""
 
+    @staticmethod
+    def config_from_file(path) -> NiftiFolderConfig:
+        """The config a ``.json`` file describes: what ``medseg build nifti_folder
+        --config spleen.json`` and ``data.config=spleen.json`` use."""
+        return NiftiFolderConfig.from_json(path)
+
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     # no predefined configs: every dataset is a user's NiftiFolderConfig

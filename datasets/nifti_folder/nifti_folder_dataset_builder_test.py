@@ -105,8 +105,8 @@ def test_glob_layout_with_label_template(tmp_path):
     expected = FingerprintAccumulator(["background", "a", "b"])
     for case in sorted(paths):
         image, affine = nifti(paths[case][0])
-        # CaseBuilder fingerprints the reader's float64 spacing (records keep float32)
-        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        # CaseBuilder fingerprints the spacing as the records store it: float32
+        spacing = np.linalg.norm(affine[:3, :3], axis=0).astype(np.float32)
         expected.add(image, nifti(paths[case][1])[0], spacing)
     fingerprint = read_fingerprint(builder)
     assert fingerprint == expected.result()

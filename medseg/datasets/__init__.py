@@ -42,7 +42,8 @@ def get_builder(
     name : str
         A key of :data:`KNOWN_DATASETS`.
     config : str, optional
-        Builder config name; None means the builder's default config.
+        Builder config name; None means the builder's default config. For builders of
+        users' own data (``nifti_folder``), a path to a ``.json`` config file.
     data_dir : str, optional
         TFDS data dir; None means TFDS's default (``~/tensorflow_datasets``).
 
@@ -61,6 +62,10 @@ def get_builder(
         raise ValueError(f"unknown dataset {name!r}; known datasets: {known}")
     importlib.import_module(KNOWN_DATASETS[name])
     builder_cls = tfds.builder_cls(name)
+    config_from_file = getattr(builder_cls, "config_from_file", None)
+    if config is not None and config.endswith(".json") and config_from_file is not None:
+        # a user's own dataset (e.g. nifti_folder) is described by a config file
+        return builder_cls(config=config_from_file(config), data_dir=data_dir)
     if config is not None and config not in builder_cls.builder_configs:
         configs = ", ".join(builder_cls.builder_configs) or "(none)"
         raise ValueError(f"dataset {name!r} has no config {config!r}; its configs: {configs}")
@@ -69,12 +74,16 @@ def get_builder(
 
 
 def prepare(
-    name: str, config: str | None = None, data_dir: str | None = None
+    name: str,
+    config: str | None = None,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
 ) -> tfds.core.DatasetBuilder:
     """:func:`get_builder`, then build the dataset unless it is already built.
 
     Builds in-process with ``download_and_prepare`` (the ``tfds build`` CLI would need
-    apache-beam).
+    apache-beam). ``manual_dir`` is where a manually downloaded dataset (``kits19``,
+    ``msd``) lies.
 
     Returns
     -------
@@ -83,7 +92,19 @@ def prepare(
     """
     builder = get_builder(name, config=config, data_dir=data_dir)
     if not builder.is_prepared():
-        builder.download_and_prepare()
+        download_config = None
+        if manual_dir is not None:
+            download_config = tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+        try:
+            builder.download_and_prepare(download_config=download_config)
+        except AssertionError as err:
+            if "Manual directory" not in str(err):
+                raise
+            # TFDS asserts; a missing manual download is the user's to fix, so say how
+            raise FileNotFoundError(
+                f"{name}: the manually downloaded data was not found "
+                f"(give its folder with --manual-dir / manual_dir=). {err}"
+            ) from None
     return builder
 
 

@@ -106,16 +106,23 @@ class FingerprintAccumulator:
         if len(spacing_values) != label.ndim:
             raise ValueError(f"spacing {spacing_values} does not match a {label.ndim}-d label")
 
-        # counts ignore voxel order; order K avoids copying NIfTI's Fortran-ordered arrays
+        # order K avoids copying NIfTI's Fortran-ordered arrays
         flat = label.ravel(order="K")
         if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= self._num_classes):
             bad = sorted(set(np.unique(flat).tolist()) - set(range(self._num_classes)))
             raise ValueError(
                 f"label values {bad} outside 0..{self._num_classes - 1} ({self.class_names})"
             )
-        if not np.can_cast(flat.dtype, np.intp):  # bincount refuses e.g. uint64
-            flat = flat.astype(np.intp)
-        counts = np.bincount(flat, minlength=self._num_classes)
+        mask = label > 0
+        # foreground voxels in C order (as ``array[mask]``) at a fraction of its cost
+        take = _ForegroundTaker(mask)
+        n = take.count
+        # class counts from the foreground labels only; background is the rest
+        foreground_labels = take(label)
+        if not np.can_cast(foreground_labels.dtype, np.intp):  # bincount refuses uint64
+            foreground_labels = foreground_labels.astype(np.intp)
+        counts = np.bincount(foreground_labels, minlength=self._num_classes)
+        counts[0] = label.size - n
         if self._channels is None:
             self._channels = [_IntensityStats() for _ in range(channels)]
         self._voxel_counts += counts
@@ -124,8 +131,6 @@ class FingerprintAccumulator:
         self._shapes.append([int(n) for n in label.shape])
 
         case_index = self.num_cases - 1
-        mask = label > 0
-        n = int(np.count_nonzero(mask))
         if n == 0:
             return
         # one set of sampled voxels for every channel, drawn exactly as for one channel
@@ -135,8 +140,7 @@ class FingerprintAccumulator:
             rng = np.random.default_rng([self.seed, case_index])
             chosen = rng.choice(n, size=self.samples_per_case, replace=False)
         for c, stats in enumerate(self._channels):
-            foreground = (image if channels == 1 else image[..., c])[mask]
-            stats.add(foreground, chosen)
+            stats.add(take(image if channels == 1 else image[..., c]), chosen)
 
     def result(self) -> dict[str, Any]:
         """The fingerprint of the cases added so far.
@@ -197,6 +201,34 @@ class FingerprintAccumulator:
         if len(per_channel) > 1:
             result["foreground_intensity_per_channel"] = per_channel
         return result
+
+
+class _ForegroundTaker:
+    """``array[mask]`` for arrays shaped like ``mask``, fast for Fortran-ordered arrays.
+
+    Boolean indexing walks a Fortran-ordered array (as NIfTI readers return) against its
+    memory order, which costs ~40x a contiguous walk. Here the foreground is gathered in
+    memory order and put back into C order by sorting its positions, once per mask; the
+    values and their order are exactly those of ``array[mask]``.
+    """
+
+    def __init__(self, mask: np.ndarray):
+        self.mask = mask
+        self.positions = self.order = None
+        if mask.ndim > 1 and mask.flags.f_contiguous and not mask.flags.c_contiguous:
+            transposed = mask.T  # C-contiguous
+            self.positions = np.flatnonzero(transposed)
+            coords = np.unravel_index(self.positions, transposed.shape)
+            c_index = np.ravel_multi_index(coords[::-1], mask.shape)
+            self.order = np.argsort(c_index)
+            self.count = int(self.positions.size)
+        else:
+            self.count = int(np.count_nonzero(mask))
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        if self.positions is not None and array.flags.f_contiguous:
+            return array.T.ravel()[self.positions][self.order]
+        return array[self.mask]
 
 
 class _IntensityStats:

@@ -1,0 +1,303 @@
+"""The CaseBuilder base: lookahead loading, fast volume compression, record order, spacing."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import weakref
+import zlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import dataset_metadata
+from tensorflow_datasets.core import shuffle as tfds_shuffle
+
+from medseg.datasets import builder as base
+from medseg.datasets.builder import CaseBuilder, case_features
+from medseg.datasets.fingerprint import FingerprintAccumulator
+from medseg.io import CaseRecord, MedsegIOError
+
+CLASSES = ["background", "a", "b"]
+# generation order that is neither sorted nor the order of the ids' hashes
+CASE_IDS = ["zeta", "alpha", "mid", "beta", "omega"]
+
+
+class ToyCases(CaseBuilder, skip_registration=True):
+    """A CaseBuilder over in-memory cases (``loaders`` given to the constructor)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def __init__(self, *, loaders, **kwargs):
+        self._loaders = loaders
+        super().__init__(**kwargs)
+
+    @classmethod
+    def get_metadata(cls):  # no README/CITATIONS: this module is not a dataset package
+        return dataset_metadata.DatasetMetadata(description="", citation="", tags=[])
+
+    def class_names(self):
+        return list(CLASSES)
+
+    def _info(self):
+        return self.dataset_info_from_configs(
+            features=case_features(np.int16), metadata=tfds.core.MetadataDict()
+        )
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_cases(self._loaders)}
+
+
+def make_case(index: int, case_id: str) -> CaseRecord:
+    """A case whose volumes are Fortran-ordered, as NIfTI readers return them."""
+    rng = np.random.default_rng(index)
+    shape = (5 + index, 33, 20 + 3 * index)
+    image = np.asfortranarray(rng.integers(-1024, 2000, shape).astype(np.int16))
+    label = np.asfortranarray(rng.choice(3, size=shape, p=[0.7, 0.2, 0.1]).astype(np.uint8))
+    # float64 spacings that float32 cannot hold exactly
+    spacing = (0.1 + index, 0.7 + 0.01 * index, 2.3)
+    affine = np.diag([*spacing[::-1], 1.0])
+    return CaseRecord(case_id, image, spacing, affine, label, source=f"{case_id}.nii.gz")
+
+
+CASES = [make_case(i, case_id) for i, case_id in enumerate(CASE_IDS)]
+
+
+def loaders_of(cases):
+    return [lambda case=case: case for case in cases]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The toy dataset, with tiny zlib chunks so volumes take the parallel path."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(base, "_ZLIB_CHUNK_BYTES", 4096)
+        builder = ToyCases(loaders=loaders_of(CASES), data_dir=str(tmp_path_factory.mktemp("d")))
+        builder.download_and_prepare()
+    return builder
+
+
+# --- lookahead loading --------------------------------------------------------------
+
+
+def test_lookahead_yields_in_order_and_loads_the_next_case_meanwhile():
+    started = []
+
+    def loader(i):
+        def load():
+            started.append(i)
+            return i
+
+        return load
+
+    got = []
+    for value in base._lookahead([loader(i) for i in range(5)]):
+        time.sleep(0.02)  # the next load starts while this case is held
+        assert started[-1] == min(value + 1, 4)
+        got.append(value)
+    assert got == list(range(5))
+    assert list(base._lookahead([])) == []
+
+
+def test_lookahead_loads_in_a_background_thread():
+    threads = []
+
+    def load():
+        threads.append(threading.current_thread())
+        return 1
+
+    list(base._lookahead([load, load]))
+    assert threading.main_thread() not in threads
+
+
+def test_loader_error_names_the_case_when_it_is_reached():
+    def bad():
+        raise MedsegIOError("/data/case_2.nii.gz: truncated or corrupt (EOFError)")
+
+    loaders = loaders_of(CASES[:2]) + [bad] + loaders_of(CASES[3:])
+    gen = ToyCases(loaders=[], data_dir="/nonexistent")._generate_cases(loaders)
+    assert [next(gen)[1]["case_id"] for _ in range(2)] == CASE_IDS[:2]
+    with pytest.raises(MedsegIOError, match=r"case_2\.nii\.gz: truncated"):
+        next(gen)
+
+
+def test_build_error_names_the_failing_case(tmp_path):
+    def bad():
+        raise MedsegIOError("/data/case_3.nii.gz: no such file")
+
+    builder = ToyCases(loaders=loaders_of(CASES[:3]) + [bad], data_dir=str(tmp_path))
+    with pytest.raises(Exception, match=r"case_3\.nii\.gz: no such file"):
+        builder.download_and_prepare()
+
+
+def test_at_most_two_cases_are_loaded_at_once(tmp_path):
+    live = {"now": 0, "peak": 0}
+    lock = threading.Lock()
+
+    def released():
+        with lock:
+            live["now"] -= 1
+
+    def loader(index, case_id):
+        def load():
+            record = make_case(index, case_id)
+            with lock:
+                live["now"] += 1
+                live["peak"] = max(live["peak"], live["now"])
+            # the case is alive while its image is
+            weakref.finalize(record.image, released)
+            time.sleep(0.05)  # slow loads: the lookahead is always running ahead
+            return record
+
+        return load
+
+    builder = ToyCases(
+        loaders=[loader(i, c) for i, c in enumerate(CASE_IDS)], data_dir=str(tmp_path)
+    )
+    builder.download_and_prepare()
+    assert live["peak"] == 2
+    assert live["now"] == 0
+
+
+def test_repeated_case_id_is_an_error(tmp_path):
+    builder = ToyCases(loaders=loaders_of([CASES[0], CASES[1], CASES[0]]), data_dir=str(tmp_path))
+    with pytest.raises(Exception, match=r"case id 'zeta' of case 3 .* repeats case 1"):
+        builder.download_and_prepare()
+
+
+# --- fast compression ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096 + 17, 50_000])
+def test_parallel_zlib_is_one_standard_stream(monkeypatch, size):
+    monkeypatch.setattr(base, "_ZLIB_CHUNK_BYTES", 4096)
+    data = np.random.default_rng(size).integers(0, 40, size, dtype=np.uint8).tobytes()
+    for workers in (1, 2, 3):
+        stream = base.zlib_compress(data, workers=workers)
+        assert zlib.decompress(stream) == data
+        decoded = tf.io.decode_compressed(tf.constant(stream), compression_type="ZLIB")
+        assert decoded.numpy() == data
+
+
+def test_parallel_zlib_takes_arrays_of_any_shape(monkeypatch):
+    monkeypatch.setattr(base, "_ZLIB_CHUNK_BYTES", 64)
+    for array in (np.zeros((0, 0, 0), np.uint8), np.arange(300, dtype=np.int16).reshape(3, 10, 10)):
+        for source in (array, np.asfortranarray(array)):
+            stream = base.zlib_compress(source, workers=2)
+            assert zlib.decompress(stream) == array.tobytes()
+
+
+def test_parallel_zlib_takes_any_memory_layout(monkeypatch):
+    monkeypatch.setattr(base, "_ZLIB_CHUNK_BYTES", 100)
+    array = np.random.default_rng(1).integers(-9, 9, (7, 6, 5, 3)).astype(np.int16)
+    for source in (array, np.asfortranarray(array), array[:, ::2], array.transpose(2, 0, 1, 3)):
+        stream = base.zlib_compress(source, workers=2)
+        assert zlib.decompress(stream) == np.ascontiguousarray(source).tobytes()
+
+
+def test_adler32_combine_matches_zlib():
+    rng = np.random.default_rng(2)
+    data = rng.integers(0, 256, 200_000, dtype=np.uint8).tobytes()
+    for cut in (0, 1, 65521, 65522, 131_042, 199_999, 200_000):
+        a, b = data[:cut], data[cut:]
+        combined = base._adler32_combine(zlib.adler32(a), zlib.adler32(b), len(b))
+        assert combined == zlib.adler32(data)
+
+
+def test_c_contiguous_copy_is_exact():
+    rng = np.random.default_rng(0)
+    for shape in [(3, 40, 7), (2, 5, 3, 4), (1, 1, 1), (4, 0, 3)]:
+        array = np.asfortranarray(rng.integers(-5, 5, shape).astype(np.int16))
+        copy = base._c_contiguous(array, block=3)
+        assert copy.flags.c_contiguous and np.array_equal(copy, array)
+
+
+def test_volume_feature_checks_like_tensor():
+    feature = case_features(np.int16)["image"]
+    with pytest.raises(ValueError, match="Dtype"):
+        feature.encode_example(np.zeros((2, 2, 2), np.float32))
+    with pytest.raises(ValueError, match="Shape"):
+        feature.encode_example(np.zeros((2, 2), np.int16))
+
+
+def test_features_are_saved_as_plain_tensors(built):
+    saved = built.info.features.to_json()["content"]["features"]
+    for key in ("image", "label"):
+        feature = saved[key]
+        name = feature.get("pythonClassName") or feature.get("type")
+        assert name == "tensorflow_datasets.core.features.tensor_feature.Tensor"
+        assert "zlib" in json.dumps(feature)
+
+
+def check_cases(examples):
+    examples = list(examples)
+    assert [ex["case_id"] for ex in examples] == CASE_IDS
+    for case, ex in zip(CASES, examples, strict=True):
+        for key in ("image", "label"):
+            expected = getattr(case, key)
+            assert ex[key].dtype == expected.dtype and ex[key].shape == expected.shape
+            assert np.array_equal(ex[key], expected)
+
+
+def test_round_trip_is_bit_exact_through_as_dataset(built):
+    ds = built.as_dataset(split="train", shuffle_files=False)
+    check_cases({**ex, "case_id": ex["case_id"].decode()} for ex in tfds.as_numpy(ds))
+
+
+def test_round_trip_is_bit_exact_when_decoded_in_a_tf_data_map(built):
+    features = built.info.features
+    skip = {k: tfds.decode.SkipDecoding() for k in ("image", "label")}
+    ds = built.as_dataset(split="train", shuffle_files=False, decoders=skip)
+
+    def decode(ex):  # as medseg.pipeline does, in graph mode
+        ex = dict(ex)
+        for key in ("image", "label"):
+            ex[key] = features[key].decode_example(ex[key])
+        return ex
+
+    ds = ds.map(decode, num_parallel_calls=2, deterministic=True)
+    check_cases({**ex, "case_id": ex["case_id"].decode()} for ex in ds.as_numpy_iterator())
+
+
+def test_records_read_back_with_plain_tfds(built):
+    """A reader without medseg's builder classes (features from features.json) decodes."""
+    restored = tfds.builder_from_directory(built.data_dir)
+    assert type(restored.info.features["image"]) is tfds.features.Tensor
+    ds = restored.as_dataset(split="train", shuffle_files=False)
+    check_cases({**ex, "case_id": ex["case_id"].decode()} for ex in tfds.as_numpy(ds))
+
+
+# --- record order -------------------------------------------------------------------
+
+
+def test_records_are_written_unshuffled_in_generation_order(built):
+    assert built.info.disable_shuffling
+    ids = [ex["case_id"].decode() for ex in tfds.as_numpy(built.as_dataset(split="train"))]
+    assert ids == CASE_IDS
+
+
+def test_order_holds_when_the_writer_spills_to_disk(tmp_path, monkeypatch):
+    monkeypatch.setattr(base, "_WRITE_BUFFER_BYTES", 1)
+    before = tfds_shuffle.MAX_MEM_BUFFER_SIZE
+    builder = ToyCases(loaders=loaders_of(CASES), data_dir=str(tmp_path))
+    builder.download_and_prepare()
+    assert tfds_shuffle.MAX_MEM_BUFFER_SIZE == before  # restored after the build
+    ds = builder.as_dataset(split="train", shuffle_files=False)
+    check_cases({**ex, "case_id": ex["case_id"].decode()} for ex in tfds.as_numpy(ds))
+
+
+# --- fingerprint ---------------------------------------------------------------------
+
+
+def test_fingerprint_sees_the_spacing_as_stored(built):
+    stored = built.info.metadata["fingerprint"]
+    expected = [[float(v) for v in np.asarray(c.spacing, np.float32)] for c in CASES]
+    assert stored["spacings"] == expected
+    # recomputed from the records, the fingerprint is the stored one
+    acc = FingerprintAccumulator(CLASSES, seed=0)
+    for ex in tfds.as_numpy(built.as_dataset(split="train", shuffle_files=False)):
+        acc.add(ex["image"], ex["label"], ex["spacing"])
+    assert acc.result() == stored
+    assert built.info.metadata["fingerprint_hash"] == base.fingerprint_hash(stored)
