@@ -29,3 +29,28 @@ def tiny_data_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tfds")
     datasets.prepare("kits_phantom", "tiny", str(data_dir))
     return str(data_dir)
+
+
+# A config small enough to train in seconds on the tiny phantom.
+TINY_OVERRIDES = {
+    "data.config": "tiny",
+    "preprocess.target_spacing": [4.0, 2.0, 2.0],
+    "patch.patch_size": [8, 16, 16],
+    "patch.validation_patches": 1,
+    "model.filters": 4,
+    "model.depth": 2,
+    "train.epochs": 2,
+    "train.steps_per_epoch": 2,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_data_dir):
+    """``tiny_config(**overrides)``: a Config on the tiny phantom with ``overrides`` applied."""
+    from medseg.config import Config
+
+    def make(**overrides):
+        values = {**TINY_OVERRIDES, "data.data_dir": tiny_data_dir, **overrides}
+        return Config().with_overrides(values)
+
+    return make

@@ -9,24 +9,14 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from medseg.config import Config
 from medseg.tracking import resolve_tracking_uri, run_training
 
 
 @pytest.fixture(scope="module")
-def logged_run(tiny_data_dir, tmp_path_factory):
+def logged_run(tiny_config, tmp_path_factory):
     store = tmp_path_factory.mktemp("mlruns")
-    config = Config().with_overrides(
-        {
-            "data.config": "tiny",
-            "data.data_dir": tiny_data_dir,
-            "preprocess.target_spacing": [4.0, 2.0, 2.0],
-            "patch.patch_size": [8, 16, 16],
-            "patch.validation_patches": 1,
-            "model.filters": 4,
-            "model.depth": 2,
-            "train.epochs": 2,
-            "train.steps_per_epoch": 2,
+    config = tiny_config(
+        **{
             "tracking.tracking_uri": f"sqlite:///{store}/mlflow.db",
             "tracking.artifact_root": str(store),
             "tracking.experiment": "test",

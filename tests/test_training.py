@@ -4,26 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from medseg.config import Config
 from medseg.experiment import prepare_data, train_model
 from medseg.training import make_strategy
-
-
-def _tiny_config(data_dir, **overrides):
-    return Config().with_overrides(
-        {
-            "data.config": "tiny",
-            "data.data_dir": data_dir,
-            "preprocess.target_spacing": [4.0, 2.0, 2.0],
-            "patch.patch_size": [8, 16, 16],
-            "patch.validation_patches": 1,
-            "model.filters": 4,
-            "model.depth": 2,
-            "train.epochs": 2,
-            "train.steps_per_epoch": 2,
-            **overrides,
-        }
-    )
 
 
 def test_strategy_names():
@@ -35,8 +17,8 @@ def test_strategy_names():
         make_strategy("tpu")
 
 
-def test_trains_under_mirrored_strategy_on_two_logical_cpus(tiny_data_dir):
-    config = _tiny_config(tiny_data_dir, **{"train.strategy": "mirrored"})
+def test_trains_under_mirrored_strategy_on_two_logical_cpus(tiny_config):
+    config = tiny_config(**{"train.strategy": "mirrored"})
     setup = prepare_data(config)
     model, history = train_model(config, setup)
     assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
@@ -48,9 +30,9 @@ def test_trains_under_mirrored_strategy_on_two_logical_cpus(tiny_data_dir):
         np.testing.assert_array_equal(copies[0].numpy(), copies[1].numpy())
 
 
-def test_default_strategy_training_lowers_the_loss(tiny_data_dir):
-    config = _tiny_config(
-        tiny_data_dir, **{"train.epochs": 6, "train.steps_per_epoch": 5, "train.strategy": "default"}
+def test_default_strategy_training_lowers_the_loss(tiny_config):
+    config = tiny_config(
+        **{"train.epochs": 6, "train.steps_per_epoch": 5, "train.strategy": "default"}
     )
     setup = prepare_data(config)
     _, history = train_model(config, setup)

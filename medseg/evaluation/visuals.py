@@ -9,12 +9,13 @@ report behind.
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
+
+from medseg.io.atomic import write_atomically
 
 __all__ = [
     "DEFAULT_CLASS_COLORS",
@@ -128,21 +129,6 @@ def overlay_frames(
     return np.round(np.concatenate(strip, axis=2)).astype(np.uint8)
 
 
-def _write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # same directory as the target, so that os.replace is an atomic rename
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_overlay_gif(
     path: str | os.PathLike,
     image: np.ndarray,
@@ -181,7 +167,7 @@ def write_overlay_gif(
     def write(tmp: Path) -> None:
         iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)
 
-    return _write_atomically(path, write)
+    return write_atomically(path, write)
 
 
 def plot_learning_curves(history: Mapping[str, Sequence[float]], path: str | os.PathLike) -> Path:
@@ -228,4 +214,4 @@ def plot_learning_curves(history: Mapping[str, Sequence[float]], path: str | os.
         ax.xaxis.get_major_locator().set_params(integer=True)
     dice_ax.set_ylim(0.0, 1.02)  # Dice is a fraction; a fixed scale makes runs comparable
 
-    return _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

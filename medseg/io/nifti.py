@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
+from medseg.io.atomic import write_atomically
 from medseg.io.record import CaseRecord
 
 __all__ = [
@@ -213,16 +213,7 @@ def write_nifti(
     # affine=None: nibabel then writes our header's forms untouched instead of resetting
     # the codes to its defaults.
     img = image_class(array, None, header=hdr)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        nib.save(img, tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda tmp: nib.save(img, str(tmp)))
 
 
 def write_like(

@@ -139,19 +139,7 @@ def training_dataset(
 ) -> tf.data.Dataset:
     """Endless batches ``(image (B, *patch, C), one-hot label (B, *patch, K))``."""
 
-    def to_patch(index, case):
-        sample_seed = tf.stack([tf.constant(seed, tf.int64) + 1, index])
-        image, label = sample_patch(
-            case["image"],
-            case["label"],
-            case["coords"],
-            case["classes"],
-            patch.patch_size,
-            patch.foreground_share,
-            sample_seed,
-        )
-        return image, tf.one_hot(label, num_classes, dtype=tf.float32)
-
+    to_patch = _patch_sampler(patch, num_classes, seed + 1)
     ds = cases.repeat().shuffle(max(num_cases, 1), seed=seed, reshuffle_each_iteration=True)
     ds = ds.enumerate().map(to_patch, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(patch.batch_size, drop_remainder=True).prefetch(AUTOTUNE)
@@ -170,6 +158,17 @@ def validation_dataset(
     def repeat_case(case):
         return tf.data.Dataset.from_tensors(case).repeat(patch.validation_patches)
 
+    to_patch = _patch_sampler(patch, num_classes, seed + 2)
+    total = num_cases * patch.validation_patches
+    padded = -(-total // patch.batch_size) * patch.batch_size
+    ds = cases.flat_map(repeat_case).enumerate().map(to_patch).cache()
+    ds = ds.repeat().take(padded).batch(patch.batch_size, drop_remainder=True)
+    return ds.prefetch(AUTOTUNE).with_options(_options(True))
+
+
+def _patch_sampler(patch: PatchConfig, num_classes: int, seed: int):
+    """``(index, case) -> (image patch, one-hot label patch)``, seeded by ``(seed, index)``."""
+
     def to_patch(index, case):
         image, label = sample_patch(
             case["image"],
@@ -178,15 +177,11 @@ def validation_dataset(
             case["classes"],
             patch.patch_size,
             patch.foreground_share,
-            tf.stack([tf.constant(seed, tf.int64) + 2, index]),
+            tf.stack([tf.constant(seed, tf.int64), index]),
         )
         return image, tf.one_hot(label, num_classes, dtype=tf.float32)
 
-    total = num_cases * patch.validation_patches
-    padded = -(-total // patch.batch_size) * patch.batch_size
-    ds = cases.flat_map(repeat_case).enumerate().map(to_patch).cache()
-    ds = ds.repeat().take(padded).batch(patch.batch_size, drop_remainder=True)
-    return ds.prefetch(AUTOTUNE).with_options(_options(True))
+    return to_patch
 
 
 def _options(deterministic: bool) -> tf.data.Options:
