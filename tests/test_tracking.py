@@ -43,6 +43,9 @@ def test_run_records_params_metrics_tags_and_lineage(logged_run):
     assert [m.step for m in history] == [0, 1]
     np.testing.assert_allclose([m.value for m in history], result.history["loss"], rtol=1e-6)
     assert "val_case_dice_kidney_mean" in run.data.metrics
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "kits_phantom/tiny/1.0.0"
+    assert dataset_input.dataset.digest == result.data.fingerprint_hash
 
 
 def test_run_artifacts_read_back(logged_run):

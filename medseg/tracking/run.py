@@ -8,6 +8,7 @@ import math
 import platform
 import subprocess
 import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,24 @@ def display_window(plan) -> tuple[float, float] | None:
     lo, hi = plan.clip
     width = hi - lo
     return (lo - width, hi + width / 2)
+
+
+def log_dataset(setup) -> None:
+    """Record the TFDS dataset as the run's input, its digest the fingerprint hash, so the
+    UI's Datasets column shows which data (and which version of it) a run used."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():
+        # MLflow registers its local source twice and warns that the path is ambiguous
+        warnings.filterwarnings("ignore", message="The specified dataset source")
+        source = resolve_dataset_source(str(setup.builder.data_dir))
+    dataset = MetaDataset(
+        source=source,
+        name=setup.dataset_name,
+        digest=setup.fingerprint_hash,
+    )
+    mlflow.log_input(dataset, context="training")
 
 
 def _write_tsv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
@@ -205,5 +224,6 @@ def run_training(
                 "dataset.fingerprint_hash": setup.fingerprint_hash,
             }
         )
+        log_dataset(setup)
         log_result(result, log_model=config.tracking.log_model)
         return result, run.info.run_id
