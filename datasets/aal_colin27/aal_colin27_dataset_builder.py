@@ -178,7 +178,6 @@ class Builder(CaseBuilder):
             features=case_features(np.int16),
             supervised_keys=("image", "label"),
             homepage="https://www.gin.cnrs.fr/en/tools/aal/",
-            metadata=tfds.core.MetadataDict(),
         )
 
     def _download_and_prepare(self, dl_manager, download_config):

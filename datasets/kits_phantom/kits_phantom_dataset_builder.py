@@ -94,7 +94,6 @@ class Builder(CaseBuilder):
             features=case_features(np.int16),
             supervised_keys=("image", "label"),
             homepage=_HOMEPAGE,
-            metadata=tfds.core.MetadataDict(),
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):

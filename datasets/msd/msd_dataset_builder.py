@@ -153,7 +153,6 @@ class Builder(CaseBuilder):
             features=case_features(np.dtype(config.image_dtype), config.channels),
             supervised_keys=("image", "label"),
             homepage=_HOMEPAGE,
-            metadata=tfds.core.MetadataDict(),
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):

@@ -154,7 +154,6 @@ class Builder(CaseBuilder):
         return self.dataset_info_from_configs(
             features=case_features(np.dtype(config.image_dtype), channels=channels),
             supervised_keys=("image", "label"),
-            metadata=tfds.core.MetadataDict(),
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):

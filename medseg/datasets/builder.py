@@ -184,7 +184,7 @@ def case_features(image_dtype=np.int16, channels: int | None = None) -> tfds.fea
 class CaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """A GeneratorBasedBuilder that writes cases and stores their fingerprint.
 
-    Subclasses implement ``_info`` (with ``metadata=tfds.core.MetadataDict()``),
+    Subclasses implement ``_info`` (through ``self.dataset_info_from_configs``),
     ``_split_generators`` returning ``self._generate_cases(...)`` per split, and
     :meth:`class_names` / :attr:`REGIONS`.
     """
@@ -289,6 +289,8 @@ class CaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         # records are written in generation order: medseg shuffles in its tf.data
         # pipeline, and TFDS's write-time shuffle would buffer whole volumes
         kwargs.setdefault("disable_shuffling", True)
+        # where _store_fingerprint puts the fingerprint (saved as metadata.json)
+        kwargs.setdefault("metadata", tfds.core.MetadataDict())
         return super().dataset_info_from_configs(**kwargs)
 
     def _generate_examples(self, *args, **kwargs):
