@@ -80,6 +80,31 @@ class TrainConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Random spatial and intensity augmentation of training patches (labels follow)."""
+
+
+@dataclass
+class LossConfig:
+    """The training loss."""
+
+
+@dataclass
+class InferenceConfig:
+    """Sliding-window prediction of whole cases."""
+
+
+@dataclass
+class EvaluationConfig:
+    """How cases are split for validation and how predictions are scored."""
+
+
+@dataclass
+class TuneConfig:
+    """An Optuna search over this config."""
+
+
+@dataclass
 class TrackingConfig:
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
     artifact_root: str = "mlruns"
@@ -93,8 +118,13 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     patch: PatchConfig = field(default_factory=PatchConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 42
 
