@@ -6,9 +6,9 @@ in a fresh subprocess so its peak RSS (``ru_maxrss``) is its own:
 
 * ``read``: ``np.asanyarray(nib.load(p).dataobj)`` of every image and label;
 * ``build``: ``nifti_folder`` ``download_and_prepare`` of the same files into a fresh
-  data dir, with the time split into read (``read_nifti_case``), fingerprint, encode
-  (TFDS feature encoding, of which ZLIB compression is reported apart), serialize and
-  shuffle/write (the rest). ``read`` runs in CaseBuilder's lookahead thread, overlapping
+  data dir, with the time split into read (``read_nifti_case``), fingerprint, serialize
+  (``medseg.datasets.records``: C-order volume bytes into a ``tf.train.Example``) and
+  write (TFRecord shards). ``read`` runs in CaseBuilder's lookahead thread, overlapping
   the rest, so "other" is the build's time less the main thread's parts only.
 
 Usage::
@@ -143,14 +143,11 @@ def measure_build(root: Path, data_dir: Path) -> dict:
     import types
 
     import psutil
-    import tensorflow as tf  # noqa: F401  (imported now: TFDS would import it mid-build)
-    import tensorflow_datasets as tfds
+    import tensorflow as tf
     from medseg_datasets.nifti_folder import Builder, NiftiFolderConfig
-    from tensorflow_datasets.core import example_serializer, writer
-    from tensorflow_datasets.core.features import tensor_feature
 
-    import medseg.datasets.builder as medseg_builder
     import medseg.io
+    from medseg.datasets import records
     from medseg.datasets.fingerprint import FingerprintAccumulator
 
     baseline_mb = psutil.Process().memory_info().rss / 2**20
@@ -158,17 +155,13 @@ def measure_build(root: Path, data_dir: Path) -> dict:
     timer = _Timer()
     medseg.io.read_nifti_case = timer.wrap("read", medseg.io.read_nifti_case)
     FingerprintAccumulator.add = timer.wrap("fingerprint", FingerprintAccumulator.add)
-    features_dict = tfds.features.FeaturesDict
-    features_dict.encode_example = timer.wrap("encode", features_dict.encode_example)
-    zlib_proxy = types.SimpleNamespace(
-        compress=timer.wrap("zlib", tensor_feature.zlib.compress),
-    )
-    tensor_feature.zlib = zlib_proxy
-    # medseg's volume features compress through their own (level 1, parallel) zlib
-    medseg_builder.zlib_compress = timer.wrap("zlib", medseg_builder.zlib_compress)
-    serializer = example_serializer.ExampleSerializer
-    serializer.serialize_example = timer.wrap("serialize", serializer.serialize_example)
-    writer.Writer.finalize = timer.wrap("finalize", writer.Writer.finalize)
+    serializer = records.CaseSerializer
+    serializer.serialize = timer.wrap("serialize", serializer.serialize)
+
+    class TimedWriter(tf.io.TFRecordWriter):
+        write = timer.wrap("write", tf.io.TFRecordWriter.write)
+
+    records.tf = types.SimpleNamespace(io=types.SimpleNamespace(TFRecordWriter=TimedWriter))
 
     config = NiftiFolderConfig(
         name="bench",
@@ -217,8 +210,7 @@ def report(args, read: dict, build: dict) -> dict:
     megabytes = read["image_bytes"] / 1e6
     parts = build["parts"]
     # read runs in the lookahead thread, overlapping the main thread's parts
-    accounted = sum(parts.get(k, 0.0) for k in ("fingerprint", "encode", "serialize"))
-    accounted += parts.get("finalize", 0.0)
+    accounted = sum(parts.get(k, 0.0) for k in ("fingerprint", "serialize", "write"))
     summary = {
         "cases": args.cases,
         "shape": list(args.shape),
@@ -250,10 +242,8 @@ def report(args, read: dict, build: dict) -> dict:
     labels = {
         "read": "read (read_nifti_case; overlapped thread)",
         "fingerprint": "fingerprint",
-        "encode": "encode (TFDS features)",
-        "zlib": "  of which ZLIB compress",
-        "serialize": "serialize (tf.train.Example)",
-        "finalize": "write shards (unshuffled)",
+        "serialize": "serialize (tf.train.Example, C order)",
+        "write": "write (TFRecord shards)",
         "other": "other (waiting on reads, buffer, info)",
     }
     for key, label in labels.items():

@@ -73,7 +73,7 @@ def test_killed_build_is_not_read_as_complete_and_rebuilds(tmp_path):
 
     builder = get_builder("nifti_folder", config, data_dir)
     assert not builder.is_prepared()
-    final = tmp_path / "tfds" / "nifti_folder" / "killed" / "1.0.0"
+    final = tmp_path / "tfds" / "nifti_folder" / "killed" / "1.1.0"
     assert not (final / "dataset_info.json").exists()
 
     # re-running builds the whole dataset cleanly

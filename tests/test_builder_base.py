@@ -1,4 +1,4 @@
-"""The CaseBuilder base: lookahead loading, fast volume compression, record order, spacing."""
+"""The CaseBuilder base: lookahead loading, one-copy records and shards, order, spacing."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import json
 import threading
 import time
 import weakref
-import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core import dataset_metadata
-from tensorflow_datasets.core import shuffle as tfds_shuffle
+from tensorflow_datasets.core import dataset_metadata, example_serializer
 
 from medseg.datasets import builder as base
+from medseg.datasets import records
 from medseg.datasets.builder import CaseBuilder, case_features
 from medseg.datasets.fingerprint import FingerprintAccumulator
 from medseg.io import CaseRecord, MedsegIOError
@@ -71,11 +71,9 @@ def loaders_of(cases):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """The toy dataset, with tiny zlib chunks so volumes take the parallel path."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(base, "_ZLIB_CHUNK_BYTES", 4096)
-        builder = ToyCases(loaders=loaders_of(CASES), data_dir=str(tmp_path_factory.mktemp("d")))
-        builder.download_and_prepare()
+    """The toy dataset, built once."""
+    builder = ToyCases(loaders=loaders_of(CASES), data_dir=str(tmp_path_factory.mktemp("d")))
+    builder.download_and_prepare()
     return builder
 
 
@@ -167,59 +165,93 @@ def test_repeated_case_id_is_an_error(tmp_path):
         builder.download_and_prepare()
 
 
-# --- fast compression ---------------------------------------------------------------
+# --- records -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096 + 17, 50_000])
-def test_parallel_zlib_is_one_standard_stream(monkeypatch, size):
-    monkeypatch.setattr(base, "_ZLIB_CHUNK_BYTES", 4096)
-    data = np.random.default_rng(size).integers(0, 40, size, dtype=np.uint8).tobytes()
-    for workers in (1, 2, 3):
-        stream = base.zlib_compress(data, workers=workers)
-        assert zlib.decompress(stream) == data
-        decoded = tf.io.decode_compressed(tf.constant(stream), compression_type="ZLIB")
-        assert decoded.numpy() == data
+def _reference_example(features, example) -> tf.train.Example:
+    """The example as TFDS's own encoder and serializer write it."""
+    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+    return tf.train.Example.FromString(
+        serializer.serialize_example(features.encode_example(example))
+    )
 
 
-def test_parallel_zlib_takes_arrays_of_any_shape(monkeypatch):
-    monkeypatch.setattr(base, "_ZLIB_CHUNK_BYTES", 64)
-    for array in (np.zeros((0, 0, 0), np.uint8), np.arange(300, dtype=np.int16).reshape(3, 10, 10)):
-        for source in (array, np.asfortranarray(array)):
-            stream = base.zlib_compress(source, workers=2)
-            assert zlib.decompress(stream) == array.tobytes()
+@pytest.mark.parametrize("channels", [None, 2])
+def test_case_serializer_writes_what_tfds_writes(channels):
+    features = case_features(np.int16, channels=channels)
+    rng = np.random.default_rng(3)
+    image_shape = (4, 300, 7) if channels is None else (4, 300, 7, channels)
+    for layout in (np.ascontiguousarray, np.asfortranarray):
+        example = {
+            "image": layout(rng.integers(-1024, 3000, image_shape).astype(np.int16)),
+            "label": layout(rng.integers(0, 3, (4, 300, 7)).astype(np.uint8)),
+            "spacing": np.float32([2.5, 0.7, 0.7]),
+            "affine": np.diag([0.7, 0.7, 2.5, 1.0]),
+            "case_id": "case_00007",
+        }
+        ours = tf.train.Example.FromString(records.CaseSerializer(features).serialize(example))
+        assert ours == _reference_example(features, example)
 
 
-def test_parallel_zlib_takes_any_memory_layout(monkeypatch):
-    monkeypatch.setattr(base, "_ZLIB_CHUNK_BYTES", 100)
-    array = np.random.default_rng(1).integers(-9, 9, (7, 6, 5, 3)).astype(np.int16)
-    for source in (array, np.asfortranarray(array), array[:, ::2], array.transpose(2, 0, 1, 3)):
-        stream = base.zlib_compress(source, workers=2)
-        assert zlib.decompress(stream) == np.ascontiguousarray(source).tobytes()
+def test_case_serializer_writes_empty_volumes_and_refuses_big_endian():
+    features = case_features(np.int16)
+    example = {
+        "image": np.arange(24, dtype=">i2").reshape(2, 3, 4).astype(np.int16),
+        "label": np.zeros(base.NO_LABEL_SHAPE, np.uint8),  # an unlabelled case
+        "spacing": np.float32([1, 1, 1]),
+        "affine": np.eye(4),
+        "case_id": "x",
+    }
+    example_be = {**example, "image": example["image"].astype(">i2")}
+    serializer = records.CaseSerializer(features)
+    reference = _reference_example(features, example)
+    assert tf.train.Example.FromString(serializer.serialize(example)) == reference
+    with pytest.raises(ValueError, match="feature 'image': dtype >i2 does not match int16"):
+        serializer.serialize(example_be)
 
 
-def test_adler32_combine_matches_zlib():
-    rng = np.random.default_rng(2)
-    data = rng.integers(0, 256, 200_000, dtype=np.uint8).tobytes()
-    for cut in (0, 1, 65521, 65522, 131_042, 199_999, 200_000):
-        a, b = data[:cut], data[cut:]
-        combined = base._adler32_combine(zlib.adler32(a), zlib.adler32(b), len(b))
-        assert combined == zlib.adler32(data)
+def test_case_serializer_checks_dtype_and_rank():
+    serializer = records.CaseSerializer(case_features(np.int16))
+    example = {
+        "image": np.zeros((2, 2, 2), np.int16),
+        "label": np.zeros((2, 2, 2), np.uint8),
+        "spacing": np.float32([1, 1, 1]),
+        "affine": np.eye(4),
+        "case_id": "x",
+    }
+    with pytest.raises(ValueError, match="feature 'image': dtype float32 does not match int16"):
+        serializer.serialize({**example, "image": np.zeros((2, 2, 2), np.float32)})
+    with pytest.raises(ValueError, match=r"feature 'label': shape \(2, 2\) does not match"):
+        serializer.serialize({**example, "label": np.zeros((2, 2), np.uint8)})
 
 
-def test_c_contiguous_copy_is_exact():
+def test_c_order_bytes_are_exact_for_any_layout():
     rng = np.random.default_rng(0)
     for shape in [(3, 40, 7), (2, 5, 3, 4), (1, 1, 1), (4, 0, 3)]:
-        array = np.asfortranarray(rng.integers(-5, 5, shape).astype(np.int16))
-        copy = base._c_contiguous(array, block=3)
-        assert copy.flags.c_contiguous and np.array_equal(copy, array)
+        array = rng.integers(-5, 5, shape).astype(np.int16)
+        for source in (array, np.asfortranarray(array), array[:, ::2], array.swapaxes(0, 2)):
+            raw = records._c_order_bytes(source, block=3)
+            assert bytes(raw) == np.ascontiguousarray(source).tobytes()
 
 
-def test_volume_feature_checks_like_tensor():
-    feature = case_features(np.int16)["image"]
-    with pytest.raises(ValueError, match="Dtype"):
-        feature.encode_example(np.zeros((2, 2, 2), np.float32))
-    with pytest.raises(ValueError, match="Shape"):
-        feature.encode_example(np.zeros((2, 2), np.int16))
+def test_split_is_sharded_by_size_in_order(tmp_path):
+    builder = ToyCases(loaders=loaders_of(CASES), data_dir=str(tmp_path))
+    one_case = CASES[0].image.nbytes + CASES[0].label.nbytes
+    # every record is bigger than one case's volumes: 2 cases per shard at most
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(records, "MAX_SHARD_BYTES", 3 * one_case)
+        builder.download_and_prepare()
+    split = builder.info.splits["train"]
+    assert split.num_examples == len(CASES)
+    assert len(split.shard_lengths) > 1 and sum(split.shard_lengths) == len(CASES)
+    files = sorted(Path(builder.data_dir).glob("*.tfrecord*"))
+    assert [f.name for f in files] == [
+        f"toy_cases-train.tfrecord-{i:05d}-of-{len(files):05d}" for i in range(len(files))
+    ]
+    assert split.num_bytes == sum(f.stat().st_size for f in files) - 16 * len(CASES)
+    assert not list(Path(builder.data_dir).glob(".*tmp"))
+    ds = builder.as_dataset(split="train", shuffle_files=False)
+    check_cases({**ex, "case_id": ex["case_id"].decode()} for ex in tfds.as_numpy(ds))
 
 
 def test_features_are_saved_as_plain_tensors(built):
@@ -228,7 +260,7 @@ def test_features_are_saved_as_plain_tensors(built):
         feature = saved[key]
         name = feature.get("pythonClassName") or feature.get("type")
         assert name == "tensorflow_datasets.core.features.tensor_feature.Tensor"
-        assert "zlib" in json.dumps(feature)
+        assert json.dumps(feature).count('"bytes"') == 1  # the encoding
 
 
 def check_cases(examples):
@@ -276,16 +308,6 @@ def test_records_are_written_unshuffled_in_generation_order(built):
     assert built.info.disable_shuffling
     ids = [ex["case_id"].decode() for ex in tfds.as_numpy(built.as_dataset(split="train"))]
     assert ids == CASE_IDS
-
-
-def test_order_holds_when_the_writer_spills_to_disk(tmp_path, monkeypatch):
-    monkeypatch.setattr(base, "_WRITE_BUFFER_BYTES", 1)
-    before = tfds_shuffle.MAX_MEM_BUFFER_SIZE
-    builder = ToyCases(loaders=loaders_of(CASES), data_dir=str(tmp_path))
-    builder.download_and_prepare()
-    assert tfds_shuffle.MAX_MEM_BUFFER_SIZE == before  # restored after the build
-    ds = builder.as_dataset(split="train", shuffle_files=False)
-    check_cases({**ex, "case_id": ex["case_id"].decode()} for ex in tfds.as_numpy(ds))
 
 
 # --- fingerprint ---------------------------------------------------------------------

@@ -45,7 +45,7 @@ def test_patch_larger_than_volume_is_a_clear_error(capsys, tiny_data_dir, tmp_pa
 def test_info_shows_the_stored_fingerprint(capsys, tiny_data_dir):
     assert main(["info", "kits_phantom", "--config", "tiny", "--data-dir", tiny_data_dir]) == 0
     out = capsys.readouterr().out
-    assert "kits_phantom/tiny/1.0.0" in out and "foreground_intensity" in out
+    assert "kits_phantom/tiny/1.1.0" in out and "foreground_intensity" in out
 
 
 def test_ui_serves_the_store_on_loopback(tmp_path, monkeypatch):

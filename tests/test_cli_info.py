@@ -26,7 +26,7 @@ def test_summary_numbers_match_the_fingerprint(capsys, built):
     data_dir, fp = built
     out = info(capsys, "--data-dir", data_dir)
     lines = out.splitlines()
-    assert "kits_phantom/tiny/1.0.0" in lines[0]
+    assert "kits_phantom/tiny/1.1.0" in lines[0]
     assert f"cases: {fp['num_cases']}" in lines
     for index, name in enumerate(fp["class_names"]):
         (row,) = [line for line in lines if line.split()[:2] == [str(index), name]]

@@ -91,7 +91,7 @@ def test_users_own_folder_builds_from_a_json_config_through_the_cli(tmp_path, ca
     )
     data_dir = str(tmp_path / "tfds")
     assert main(["build", "nifti_folder", "--config", str(config), "--data-dir", data_dir]) == 0
-    assert "nifti_folder/mine/1.0.0" in capsys.readouterr().out
+    assert "nifti_folder/mine/1.1.0" in capsys.readouterr().out
     fingerprint = read_fingerprint(get_builder("nifti_folder", str(config), data_dir))
     assert fingerprint["num_cases"] == 2
     assert fingerprint["class_voxel_counts"][1] == 2 * 2 * 3 * 3

@@ -144,8 +144,11 @@ def class_mapping(grouping: str, regions: list[AalRegion]) -> tuple[list[str], n
 class Builder(CaseBuilder):
     """DatasetBuilder for aal_colin27."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Volumes stored uncompressed (raw bytes): builds ~3x faster, ~2x the disk.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTALL_HINT
     BUILDER_CONFIGS = [
         AalColin27Config(

@@ -43,8 +43,11 @@ class Kits19Config(tfds.core.BuilderConfig):
 class Builder(CaseBuilder):
     """DatasetBuilder for KiTS19 (manual download)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Volumes stored uncompressed (raw bytes): builds ~3x faster, ~2x the disk.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
     KiTS19's licence (CC BY-NC-SA 4.0) does not allow redistribution, so medseg never
     downloads or ships the data. Get it yourself:

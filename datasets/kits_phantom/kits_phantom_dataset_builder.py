@@ -55,8 +55,11 @@ class KitsPhantomConfig(tfds.core.BuilderConfig):
 class Builder(CaseBuilder):
     """DatasetBuilder for kits_phantom."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Volumes stored uncompressed (raw bytes): builds ~3x faster, ~2x the disk.",
+    }
     BUILDER_CONFIGS = [
         KitsPhantomConfig(
             name="tiny",
@@ -79,6 +82,19 @@ class Builder(CaseBuilder):
             num_cases=6,
             inplane=256,
             z_extent_mm=(480.0, 520.0),
+        ),
+        KitsPhantomConfig(
+            # at `kits` spacings a 256 px slice is < 160 px at 1.62 mm; this field of view
+            # (270-330 mm, abdominal) keeps MIScnn's KiTS19 patch of 80 x 160 x 160 inside
+            name="bench",
+            description=(
+                "6 cases of 96-208 x 256 x 256 voxels at 1.05-1.3 mm in-plane, for "
+                "benchmarks/pipeline.py (80 x 160 x 160 patches fit at 3.22 x 1.62 x 1.62 mm)."
+            ),
+            num_cases=6,
+            inplane=256,
+            z_extent_mm=(480.0, 520.0),
+            inplane_spacing_mm=(1.05, 1.3),
         ),
     ]
     DEFAULT_BUILDER_CONFIG_NAME = "small"

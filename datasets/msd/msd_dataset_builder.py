@@ -121,8 +121,11 @@ TASKS = [
 class Builder(CaseBuilder):
     """DatasetBuilder for the Medical Segmentation Decathlon (manual download)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Volumes stored uncompressed (raw bytes): builds ~3x faster, ~2x the disk.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
     Download the task's tarball (e.g. Task04_Hippocampus.tar) from
     http://medicaldecathlon.com/ (CC BY-SA 4.0), extract it, and point `manual_dir` at
