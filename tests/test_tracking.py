@@ -34,7 +34,7 @@ def test_run_records_params_metrics_tags_and_lineage(logged_run):
     assert run.data.params["train.epochs"] == "2"
     assert json.loads(run.data.params["patch.patch_size"]) == [8, 16, 16]
     assert set(config.to_flat_dict()) == set(run.data.params)
-    assert run.data.tags["dataset.name"] == "kits_phantom/tiny/1.0.0"
+    assert run.data.tags["dataset.name"] == "kits_phantom/tiny/1.1.0"
     assert run.data.tags["dataset.fingerprint_hash"] == result.data.fingerprint_hash
     assert run.data.tags["medseg.seed"] == "42"
     assert "git.commit" in run.data.tags and "version.tensorflow" in run.data.tags
@@ -44,7 +44,7 @@ def test_run_records_params_metrics_tags_and_lineage(logged_run):
     np.testing.assert_allclose([m.value for m in history], result.history["loss"], rtol=1e-6)
     assert "val_case_dice_kidney_mean" in run.data.metrics
     (dataset_input,) = run.inputs.dataset_inputs
-    assert dataset_input.dataset.name == "kits_phantom/tiny/1.0.0"
+    assert dataset_input.dataset.name == "kits_phantom/tiny/1.1.0"
     assert dataset_input.dataset.digest == result.data.fingerprint_hash
 
 
