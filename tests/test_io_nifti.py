@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import os
+import stat
 import time
 
 import nibabel as nib
@@ -164,6 +166,15 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         write_nifti(path, np.zeros((4, 5, 6), np.int16), RAS)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.nii.gz"]
+
+
+def test_written_file_has_the_umask_mode_not_mkstemps_0600(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        path = write_nifti(tmp_path / "shared.nii.gz", _volume(), RAS)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
 def test_write_rejects_other_suffix(tmp_path):

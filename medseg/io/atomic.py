@@ -22,8 +22,16 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp creates 0600; give the file the mode a plain open() would have
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
