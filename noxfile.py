@@ -24,6 +24,12 @@ TINY_NOTEBOOK_PARAMS = {
     "filters": 4,
     "depth": 2,
 }
+# and per notebook: 2 folds, a short study with its storage in the session's temp dir;
+# predict.ipynb predicts with the newest model logged before it (cross_validate's folds)
+NOTEBOOK_EXTRA_PARAMS = {
+    "cross_validate.ipynb": {"folds": 2},
+    "tune.ipynb": {"n_trials": 2, "storage": "sqlite:///{tmp}/optuna.db"},
+}
 
 
 @nox.session
@@ -67,8 +73,21 @@ def notebooks(session: nox.Session) -> None:
         uri = f"sqlite:///{tmp}/mlflow.db"
         env = {**ENV, "TFDS_DATA_DIR": os.path.join(tmp, "tfds")}
         for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
-            params = [a for k, v in TINY_NOTEBOOK_PARAMS.items() for a in ("-p", k, str(v))]
+            values = {**TINY_NOTEBOOK_PARAMS, **NOTEBOOK_EXTRA_PARAMS.get(nb.name, {})}
+            params = [
+                a for k, v in values.items() for a in ("-p", k, str(v).format(tmp=tmp))
+            ]
             session.run(
                 "medseg", "run", str(nb), *params, "--tracking-uri", uri,
                 "--output", os.path.join(tmp, nb.name), env=env,
             )
+
+
+@nox.session
+def browser(session: nox.Session) -> None:
+    """`medseg ui` on a tiny run, checked in headless Chromium (metrics and the GIF shown).
+
+    Needs Debian's chromium (`apt-get install chromium`); with CI set, its absence fails.
+    """
+    session.install(".[dev]")
+    session.run("pytest", "tests/test_ui_browser.py", "-ra", *session.posargs, env=ENV)

@@ -1,4 +1,4 @@
-"""The ``medseg`` command line: build, info, train, run, ui."""
+"""The ``medseg`` command line: build, info, train, predict, run, ui."""
 
 from __future__ import annotations
 
@@ -36,6 +36,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=5")
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
 
+    p = sub.add_parser(
+        "evaluate", help="cross-validate (or hold out) by evaluation.protocol, fold runs nested"
+    )
+    p.add_argument("--config", dest="config_file", help="a .json or .toml config file")
+    p.add_argument(
+        "overrides", nargs="*", help="section.key=value, e.g. evaluation.protocol=kfold"
+    )
+    p.add_argument(
+        "--resume", metavar="RUN_ID", help="continue an interrupted evaluation's parent run"
+    )
+    p.add_argument("--print-config", action="store_true", help="print the config and exit")
+
     p = sub.add_parser("run", help="execute a notebook with papermill inside an MLflow run")
     p.add_argument("notebook")
     p.add_argument(
@@ -45,6 +57,45 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default=Config().tracking.experiment)
     p.add_argument("--output", help="where the executed notebook is written")
     p.add_argument("--quiet", action="store_true", help="do not stream the cells' output")
+
+    p = sub.add_parser("predict", help="segment NIfTI files or DICOM series with a model")
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT",
+        help="a .nii/.nii.gz file, a folder of them, or a DICOM series folder",
+    )
+    p.add_argument(
+        "--model", required=True, action="append",
+        help="a .keras file or an MLflow model URI (runs:/<run id>/model, models:/...); "
+        "repeat it for an ensemble (probabilities averaged)",
+    )
+    p.add_argument("--plan", help="plan.json of the training run (default: the run's, for a URI)")
+    p.add_argument("--output", required=True, help="folder for <case>_seg.nii.gz")
+    p.add_argument(
+        "--probabilities", action="store_true", default=Config().inference.save_probabilities,
+        help="also write <case>_prob.nii.gz",
+    )
+    p.add_argument("--overlap", type=float, default=Config().inference.overlap)
+    p.add_argument(
+        "--weighting", choices=("gaussian", "mean"), default=Config().inference.weighting
+    )
+    p.add_argument("--mirror", action="store_true", help="test-time mirroring along all axes")
+    p.add_argument("--batch-size", type=int, default=Config().inference.batch_size)
+    p.add_argument("--overwrite", action="store_true", help="predict cases already written")
+    p.add_argument("--tracking-uri", default=Config().tracking.tracking_uri)
+
+    p = sub.add_parser("tune", help="Optuna search over tune.space, trials as nested MLflow runs")
+    p.add_argument("--config", dest="config_file", help="a .json or .toml config file")
+    p.add_argument(
+        "overrides", nargs="*", help="section.key=value, e.g. tune.n_trials=20 tune.workers=2"
+    )
+    p.add_argument("--workers", type=int, help="processes sharing the study (tune.workers)")
+    p.add_argument("--best-config", help="where the best trial's train config is written")
+    p.add_argument("--print-config", action="store_true", help="print the config and exit")
+
+    p = sub.add_parser("reproduce", help="re-run a logged run from its config and compare")
+    p.add_argument("run_id")
+    p.add_argument("overrides", nargs="*", help="section.key=value changes, e.g. data.data_dir=")
+    p.add_argument("--tracking-uri", default=Config().tracking.tracking_uri)
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 against mlruns/")
     p.add_argument("--port", type=int, default=5000)
@@ -168,7 +219,32 @@ def cmd_train(args) -> None:
 
     result, run_id = run_training(config)
     _print_summary(result.summary)
-    print(f"MLflow run {run_id} in {config.tracking.tracking_uri}; open it with: medseg ui")
+    if run_id is None:  # a multi-worker run's other workers: rank 0 logs
+        print("this worker is not rank 0; the chief worker logs the MLflow run")
+    else:
+        print(f"MLflow run {run_id} in {config.tracking.tracking_uri}; open it with: medseg ui")
+
+
+def cmd_evaluate(args) -> None:
+    config = Config.from_file(args.config_file) if args.config_file else Config()
+    config = config.with_overrides(args.overrides)
+    if args.print_config:
+        print(config.to_json())
+        return
+    from medseg.tracking.evaluation import run_evaluation
+
+    cv, run_id = run_evaluation(config, resume_run_id=args.resume)
+    print(f"{config.evaluation.protocol}: {len(cv.folds)} fold(s), {len(cv.cases)} test cases")
+    print("per case (original grid), pooled over folds:")
+    for key, stats in cv.summary.items():
+        print(
+            f"  {key:32s} mean {stats['mean']:9.4f}  median {stats['median']:9.4f}  "
+            f"std {stats['std']:9.4f}  n={stats['n']}"
+        )
+    if cv.postprocessing is not None:
+        kept = cv.postprocessing["keep_largest_component"]
+        print(f"postprocessing (largest component) applied to labels: {kept or 'none'}")
+    print(f"MLflow run {run_id} (folds nested) in {config.tracking.tracking_uri}")
 
 
 def cmd_run(args) -> None:
@@ -198,6 +274,76 @@ def cmd_run(args) -> None:
             print(f"  {key:40s} {run.data.metrics[key]:.4f}")
 
 
+def cmd_predict(args) -> None:
+    from medseg.inference import PredictionPlan, is_model_uri, load_model_file, predict_files
+
+    def load(model):
+        if not is_model_uri(model):
+            return load_model_file(model)
+        from medseg.tracking.model import load_model  # imports mlflow
+
+        return load_model(model, args.tracking_uri)
+
+    if args.plan:
+        plan = PredictionPlan.from_file(args.plan)
+    elif is_model_uri(args.model[0]):
+        from medseg.tracking.model import load_plan
+
+        plan = load_plan(args.model[0], args.tracking_uri)
+    else:
+        raise ValueError(
+            f"model {args.model[0]} does not say how it was trained: pass --plan plan.json "
+            "(the plan.json artifact of its training run)"
+        )
+    models = [load(model) for model in args.model]
+    written = predict_files(
+        models,
+        plan,
+        args.inputs,
+        args.output,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        weighting=args.weighting,
+        mirror_axes=(0, 1, 2) if args.mirror else (),
+        probabilities=args.probabilities,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {len(written)} file(s) to {args.output}")
+
+
+def cmd_tune(args) -> None:
+    config = Config.from_file(args.config_file) if args.config_file else Config()
+    config = config.with_overrides(args.overrides)
+    if args.print_config:
+        print(config.to_json())
+        return
+    from medseg.tuning import tune
+
+    result = tune(config, workers=args.workers, best_config=args.best_config)
+    print(f"study {result.study_name} in {result.storage}: {len(result.trials)} trials")
+    for t in result.trials:
+        value = "" if t["value"] is None else f"{t['value']:.4f}"
+        print(f"  {t['number']:4d} {t['state']:9s} {value:>8s}  {t['params']}")
+    if result.best_config is not None:
+        print(f"best trial {result.best_trial}: {config.tune.metric} {result.best_value:.4f}")
+        print(f"its config: {result.best_config} (medseg train --config {result.best_config})")
+    print(f"MLflow study run {result.study_run_id} (trials nested)")
+
+
+def cmd_reproduce(args) -> None:
+    import warnings
+
+    from medseg.tracking.reproduce import LineageWarning, reproduce
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LineageWarning)  # printed below, once
+        result = reproduce(args.run_id, args.tracking_uri, args.overrides)
+    for note in result.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    print(result.table())
+    print(f"MLflow run {result.run_id} reproduces {result.original_run_id}")
+
+
 def ui_command(port: int, tracking_uri: str) -> list[str]:
     """The ``mlflow ui`` command line serving ``tracking_uri`` on 127.0.0.1."""
     from medseg.tracking.store import resolve_tracking_uri
@@ -223,7 +369,11 @@ COMMANDS = {
     "build": cmd_build,
     "info": cmd_info,
     "train": cmd_train,
+    "evaluate": cmd_evaluate,
     "run": cmd_run,
+    "predict": cmd_predict,
+    "tune": cmd_tune,
+    "reproduce": cmd_reproduce,
     "ui": cmd_ui,
 }
 

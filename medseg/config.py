@@ -41,8 +41,15 @@ class PreprocessConfig:
     target_spacing: tuple[float, float, float] | None = (3.0, 1.5, 1.5)
     # "fingerprint": the dataset's foreground 0.5/99.5 percentiles; "none"; or two numbers
     clip: str | tuple[float, float] = "fingerprint"
-    # "fingerprint": z-score with the dataset's foreground mean/std; "image": per-image z-score
+    # "fingerprint": z-score with the dataset's foreground mean/std; "image": per-image z-score;
+    # "minmax": per-image rescale to [0, 1]; "ct": nnU-Net's CT scheme (clip to the
+    # fingerprint's 0.5/99.5 % foreground percentiles, z-score with its mean/std); "none"
     normalize: str = "fingerprint"
+    # crop every case to the bounding box of image != 0 (or > crop_threshold), as nnU-Net
+    crop_to_nonzero: bool = False
+    crop_threshold: float | None = None
+    # nnU-Net: where max/min spacing > this, no interpolation along the one coarse axis
+    anisotropy_threshold: float = 3.0
 
 
 @dataclass
@@ -51,57 +58,199 @@ class PatchConfig:
 
     patch_size: tuple[int, int, int] = (32, 64, 64)
     batch_size: int = 2
-    # share of patches centred on a foreground voxel (of a randomly chosen class)
+    # share of patches centred on a foreground voxel (of a randomly chosen class); nnU-Net: 0.33
     foreground_share: float = 0.5
+    # "patch": 3D patches; "slice": (k, H, W) slabs as 2D (H, W, k*C) inputs labelled by their
+    # centre slice; "full": whole cases, padded to ≥ patch_size and a multiple of pad_multiple
+    mode: str = "patch"
+    # blank-patch skipping: a patch whose foreground fraction is below this is redrawn, at
+    # most max_redraws times (then the best draw is kept: no endless loop without foreground)
+    min_foreground: float = 0.0
+    max_redraws: int = 4
+    pad_multiple: int = 8  # "full" mode: the model's total stride
+    # preprocessed cases are held in memory; with a directory, also in a file cache there,
+    # keyed by the preprocessing plan and the dataset version, so later runs skip preprocessing
+    cache_dir: str | None = None
     validation_patches: int = 8  # fixed patches per validation case for per-epoch metrics
 
 
 @dataclass
 class ModelConfig:
+    """The network: an architecture of medseg.models.MODELS and its size."""
+
+    # "unet" | "plain_unet" | "residual_unet" | "dense_unet" | "multires_unet" |
+    # "attention_unet" | "attention_residual_unet" | "compact_unet"
     name: str = "unet"
-    depth: int = 3
-    filters: int = 16
+    depth: int = 3  # resolution levels; patch sizes must be multiples of 2**(depth-1)
+    filters: int = 16  # of the first level, doubled per level, capped at 320
     # nnU-Net's choice: batch statistics of 2 patches are too noisy for BatchNorm
     normalization: str = "instance"  # "instance" | "batch" | "none"
     dropout: float = 0.0
+    # "relu" | "leaky_relu" | "elu" | "gelu" | "silu"; None: the architecture's own
+    # (leaky_relu for plain_unet, relu for the others)
+    activation: str | None = None
+    # extra softmax outputs at 1/2, 1/4, ... resolution (needs depth >= 3), nnU-Net weights
+    deep_supervision: bool = False
 
 
 @dataclass
 class TrainConfig:
+    """Optimization, schedule, stopping, checkpoints and the distribution strategy."""
+
     epochs: int = 12
     steps_per_epoch: int = 25
     learning_rate: float = 3e-3
-    # "poly": nnU-Net's lr · (1 - step/total)^0.9, ending near 0; "constant"
+    # "poly": nnU-Net's lr · (1 - step/total)^0.9, ending near 0; "cosine": lr · (1 + cos(π
+    # step/total)) / 2; "plateau": lr times plateau_factor after plateau_patience epochs
+    # without improvement of `monitor`; "constant"
     lr_schedule: str = "poly"
-    optimizer: str = "adam"
-    strategy: str = "auto"  # "auto" | "default" | "mirrored"
-    deterministic: bool = True
-    sliding_window_overlap: float = 0.5
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2
+    optimizer: str = "adam"  # "adam" | "sgd" (Nesterov, momentum below; nnU-Net) | "adamw"
+    momentum: float = 0.99  # sgd
+    weight_decay: float | None = None  # decoupled; None: the optimizer's default (adamw 0.004)
+    clip_norm: float | None = None  # clip the global gradient norm (over all replicas) to this
+    # stop after this many epochs without improvement of `monitor` (by > min_delta); 0: off
+    early_stopping_patience: int = 0
+    min_delta: float = 0.0
+    monitor: str = "val_loss"  # a log key; minimized if it contains "loss", else maximized
+    # "auto": mixed_float16 (with loss scaling) when a GPU is present, float32 on CPU;
+    # "float32"; "mixed_float16"
+    precision: str = "auto"
+    # checkpoint (model, optimizer, epoch, history) after every epoch into this directory;
+    # a run finding one there resumes from it. None: no checkpoints
+    checkpoint_dir: str | None = None
+    # "custom": a strategy.run training loop (any strategy); "fit": Keras fit (not
+    # multi-worker, keras-team/keras#20585; clipping is then per replica)
+    loop: str = "custom"
+    # "auto": MultiWorkerMirroredStrategy when TF_CONFIG lists several workers, else
+    # MirroredStrategy over several GPUs, else none; "default" | "mirrored" | "multiworker"
+    strategy: str = "auto"
+    deterministic: bool = True  # seeded, ordered input; op determinism on CPU
 
 
 @dataclass
 class AugmentConfig:
-    """Random spatial and intensity augmentation of training patches (labels follow)."""
+    """Random spatial and intensity augmentation of training patches (labels follow).
+
+    Defaults are nnU-Net's. Each transform has its own probability; ranges are
+    ``(low, high)`` of a uniform draw. Axes are spatial axes (0 = first); axes a 2D patch
+    does not have are ignored.
+    """
+
+    enabled: bool = True
+    jit: bool = True  # XLA-compile the resampling: ~6x faster on CPU
+    # mirroring, a coin per axis
+    flip_probability: float = 0.5
+    flip_axes: tuple[int, ...] = (0, 1, 2)
+    # 90° rotation in the plane of the last two spatial axes (k = 2 only if not square)
+    rot90_probability: float = 0.0
+    # rotation, scaling and elastic deformation share ONE resampling pass
+    rotation_probability: float = 0.2
+    rotation_degrees: tuple[float, float] = (-30.0, 30.0)
+    rotation_axes: tuple[int, ...] = (0, 1, 2)  # 3D: rotate about these axes; 2D: in-plane
+    scale_probability: float = 0.2
+    scale_range: tuple[float, float] = (0.7, 1.4)  # > 1 enlarges the content
+    scale_per_axis: bool = False
+    elastic_probability: float = 0.0
+    elastic_magnitude: tuple[float, float] = (0.0, 4.0)  # displacement std in voxels
+    elastic_grid_spacing: int = 16  # voxels between the displacement's control points
+    # intensity
+    noise_probability: float = 0.1
+    noise_std: tuple[float, float] = (0.0, 0.316)  # nnU-Net's variance (0, 0.1)
+    blur_probability: float = 0.2
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+    brightness_probability: float = 0.15
+    brightness_range: tuple[float, float] = (0.75, 1.25)  # multiplicative
+    contrast_probability: float = 0.15
+    contrast_range: tuple[float, float] = (0.75, 1.25)
+    lowres_probability: float = 0.25
+    lowres_zoom: tuple[float, float] = (0.5, 1.0)
+    gamma_probability: float = 0.3
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    gamma_invert_probability: float = 0.1  # gamma of the inverted image
 
 
 @dataclass
 class LossConfig:
-    """The training loss."""
+    """The training loss (see ``medseg.models.losses``; built by ``loss_from_config``)."""
+
+    # "dice_ce" (nnU-Net's default) | "dice" | "classwise_dice" | "jaccard" | "tversky"
+    # | "focal_tversky" | "focal" | "combo"
+    name: str = "dice_ce"
+    include_background: bool = False  # whether class 0 enters the overlap (Dice-like) terms
+    class_weights: tuple[float, ...] | None = None  # one per class, background first
+    batch_dice: bool = True  # overlap sums pooled over the batch (nnU-Net) or per sample
+    smooth: float = 1e-5  # added to numerator and denominator of overlap ratios
+    dice_weight: float = 1.0  # dice_ce: weight of 1 - Dice
+    ce_weight: float = 1.0  # dice_ce: weight of the cross-entropy
+    tversky_alpha: float = 0.3  # tversky, focal_tversky: weight of false positives
+    tversky_beta: float = 0.7  # tversky, focal_tversky: weight of false negatives
+    focal_tversky_gamma: float = 4 / 3  # focal_tversky: loss = (1 - TI) ** (1 / gamma)
+    focal_gamma: float = 2.0  # focal: (1 - p_t) ** gamma
+    focal_alpha: float | None = None  # focal: foreground weight, background 1 - alpha
+    combo_alpha: float = 0.5  # combo: weight of the cross-entropy, Dice gets 1 - alpha
+    combo_beta: float = 0.5  # combo: > 0.5 penalizes false negatives more than positives
 
 
 @dataclass
 class InferenceConfig:
     """Sliding-window prediction of whole cases."""
 
+    overlap: float = 0.5  # share of a patch overlapping its neighbour, per axis, in [0, 1)
+    weighting: str = "gaussian"  # merge of overlapping patches: "gaussian" | "mean"
+    # test-time mirroring: average over every combination of flips along these spatial
+    # axes (e.g. [0, 1, 2]: 8 predictions per patch); () is off
+    mirror_axes: tuple[int, ...] = ()
+    batch_size: int = 2  # patches per forward pass
+    save_probabilities: bool = False  # also write <case>_prob.nii.gz (softmax, 4D)
+
 
 @dataclass
 class EvaluationConfig:
     """How cases are split for validation and how predictions are scored."""
 
+    # "split": data.validation_fraction of data.split held out (seeded); "kfold"; "loo"
+    # (leave-one-out over every case); "holdout": train on data.split, test on test_split;
+    # "lists": the explicit train_cases / test_cases of data.split
+    protocol: str = "split"
+    folds: int = 5
+    # k-fold/LOO splits JSON, reused when present; None: <dataset dir>/splits/ (per seed)
+    splits_file: str | None = None
+    test_split: str = "test"
+    train_cases: tuple[str, ...] = ()
+    test_cases: tuple[str, ...] = ()
+    surface_tolerance_mm: float = 2.0  # surface Dice tolerance (Nikolov et al.)
+    hd_percentile: float = 95.0
+    postprocess: bool = True  # decide largest-component postprocessing from the CV cases
+    overlay_axis: int = 0  # axis the overlay GIF and the montage slice along
+
 
 @dataclass
 class TuneConfig:
-    """An Optuna search over this config."""
+    """An Optuna search over this config (``medseg tune``).
+
+    Each ``space`` entry is ``section.key=KIND:ARGS``: ``log:LOW:HIGH`` (log-uniform float),
+    ``float:LOW:HIGH[:STEP]``, ``int:LOW:HIGH[:STEP]`` or ``cat:A|B|C`` (choices; ``,``
+    separates them too where the entry is not itself in a comma-separated list).
+    """
+
+    space: tuple[str, ...] = ("train.learning_rate=log:1e-4:1e-2", "model.filters=int:8:32:8")
+    n_trials: int = 20  # in total, over every worker
+    timeout: float | None = None  # seconds per worker; None: no limit
+    # what a trial returns: "val_case_dice_mean" (mean over foreground classes of the
+    # whole-case validation Dice) or any metric the trial's MLflow run logs
+    metric: str = "val_case_dice_mean"
+    direction: str = "maximize"  # "maximize" | "minimize"
+    # pruning watches this per-epoch value: "val_dice_mean" (mean of the val_dice_* metrics)
+    # or any Keras log key
+    prune_metric: str = "val_dice_mean"
+    pruner: str = "median"  # "median" | "none"
+    pruner_startup_trials: int = 5  # trials completed before any is pruned
+    pruner_warmup_epochs: int = 1  # epochs a trial always gets
+    storage: str = "sqlite:///mlruns/optuna.db"  # any SQLAlchemy URL (postgresql://...)
+    study_name: str = "medseg"
+    workers: int = 1  # processes sharing the study (medseg tune --workers)
 
 
 @dataclass
@@ -111,6 +260,8 @@ class TrackingConfig:
     experiment: str = "medseg"
     run_name: str | None = None
     log_model: bool = True
+    # also register the logged model under this name in the MLflow model registry
+    register_model: str | None = None
 
 
 @dataclass

@@ -17,9 +17,10 @@ import tensorflow_datasets as tfds
 
 from medseg import datasets
 from medseg.config import Config
-from medseg.evaluation import dice_per_class, dice_region, summarize
+from medseg.evaluation import score_case, summarize
 from medseg.inference import predict_case
-from medseg.models import check_input_shape
+from medseg.inference.postprocess import postprocessing_scores
+from medseg.models import check_input_shape, downsample_targets, stride
 from medseg.pipeline import (
     PreprocessPlan,
     check_patch_fits,
@@ -31,7 +32,13 @@ from medseg.pipeline import (
     training_dataset,
     validation_dataset,
 )
-from medseg.training import build_compiled_model, fit, make_strategy
+from medseg.training import (
+    build_compiled_model,
+    fit,
+    make_strategy,
+    resume_step,
+    seed_everything,
+)
 
 
 @dataclass
@@ -49,13 +56,15 @@ class DataSetup:
 
     @property
     def dataset_name(self) -> str:
-        return self.builder.info.full_name  # e.g. "kits_phantom/small/1.0.0"
+        return self.builder.info.full_name  # e.g. "kits_phantom/small/1.1.0"
 
 
 @dataclass
 class CaseResult:
     case_id: str
     scores: dict[str, float]
+    # per foreground label: Dice before and after keeping its largest component
+    postprocessing: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,7 +92,9 @@ def prepare_data(config: Config) -> DataSetup:
     class_names = list(metadata.get("class_names") or fingerprint["class_names"])
     regions = {k: list(v) for k, v in (metadata.get("regions") or {}).items()}
     plan = plan_preprocessing(config.preprocess, fingerprint)
-    check_patch_fits(fingerprint, plan, config.patch.patch_size, builder.info.full_name)
+    check_patch_fits(
+        fingerprint, plan, config.patch.patch_size, builder.info.full_name, config.patch.mode
+    )
     check_input_shape(config.patch.patch_size, config.model.depth)
     ids = read_case_ids(builder, data.split)
     train_ids, val_ids = split_cases(ids, data.validation_fraction, config.seed)
@@ -102,45 +113,92 @@ def prepare_data(config: Config) -> DataSetup:
 def train_model(
     config: Config, setup: DataSetup, callbacks: Sequence[keras.callbacks.Callback] = ()
 ) -> tuple[keras.Model, dict[str, list[float]]]:
-    """Build the pipelines and the model, and fit it under the configured strategy."""
-    keras.utils.set_random_seed(config.seed)
+    """Build the pipelines and the model, and fit it under the configured strategy.
+
+    With ``train.checkpoint_dir`` holding a checkpoint, training resumes from it: the
+    training stream starts at the checkpoint's step, weights and optimizer state are
+    restored, and the returned history covers every epoch.
+    """
+    strategy = make_strategy(config.train.strategy)  # first: multi-worker needs a fresh TF
+    seed_everything(config.seed, config.train.deterministic)
+    start_step = resume_step(config.train)
     num_classes = len(setup.class_names)
     det = config.train.deterministic
+    cache_dir = config.patch.cache_dir
     train_cases = preprocessed_cases(
-        setup.builder, config.data.split, setup.train_ids, setup.plan, num_classes, config.seed, det
+        setup.builder,
+        config.data.split,
+        setup.train_ids,
+        setup.plan,
+        num_classes,
+        config.seed,
+        det,
+        cache_dir=cache_dir,
     )
     train = training_dataset(
-        train_cases, len(setup.train_ids), config.patch, num_classes, config.seed, det
+        train_cases,
+        len(setup.train_ids),
+        config.patch,
+        num_classes,
+        config.seed,
+        det,
+        augment=config.augment,
+        start_step=start_step,
     )
     validation = None
     if setup.val_ids and config.patch.validation_patches > 0:
         val_cases = preprocessed_cases(
-            setup.builder, config.data.split, setup.val_ids, setup.plan, num_classes, config.seed
+            setup.builder,
+            config.data.split,
+            setup.val_ids,
+            setup.plan,
+            num_classes,
+            config.seed,
+            cache_dir=cache_dir,
         )
         validation = validation_dataset(
             val_cases, len(setup.val_ids), config.patch, num_classes, config.seed
         )
-    in_channels = int(train.element_spec[0].shape[-1])
-    strategy = make_strategy(config.train.strategy)
+    image_spec = train.element_spec[0]
+    ndim = len(image_spec.shape) - 2
+    in_channels = int(image_spec.shape[-1])
     model = build_compiled_model(
-        config.model, config.train, setup.class_names, in_channels, strategy
+        config.model,
+        config.train,
+        setup.class_names,
+        in_channels,
+        strategy,
+        loss_config=config.loss,
+        regions=setup.regions,
+        ndim=ndim,
     )
-    history = fit(model, train, validation, config.train, callbacks)
+    if len(model.outputs) > 1:  # deep supervision: one target per output, full size first
+        train = train.map(lambda x, y: (x, downsample_targets(y, model)))
+        if validation is not None:
+            validation = validation.map(lambda x, y: (x, downsample_targets(y, model)))
+    history = fit(model, train, validation, config.train, callbacks, train_start_step=start_step)
     return model, history
 
 
 def evaluate_cases(
-    model: keras.Model, config: Config, setup: DataSetup, case_ids: Sequence[str]
+    model: keras.Model,
+    config: Config,
+    setup: DataSetup,
+    case_ids: Sequence[str],
+    split: str | None = None,
 ) -> tuple[list[CaseResult], dict[str, Any] | None]:
     """Predict whole cases patch by patch on their original grid and score them.
 
-    Scores per case: Dice of every foreground class (``dice_<class>``) and of every
-    declared region (``dice_<region>``), NaN where the structure is absent from both
-    prediction and truth.
+    Scores per case (:func:`medseg.evaluation.score_case`, in mm with the case's spacing):
+    ``<metric>_<class>`` for Dice, IoU, HD95, ASD, surface Dice and volume difference of
+    every foreground class, and ``dice_<region>``; NaN where the structure is absent from
+    both prediction and truth. ``split`` defaults to ``config.data.split``.
     """
     classes = list(range(1, len(setup.class_names)))
+    evaluation = config.evaluation
     results, example = [], None
-    for ex in read_cases(setup.builder, config.data.split, case_ids).as_numpy_iterator():
+    split = split or config.data.split
+    for ex in read_cases(setup.builder, split, case_ids).as_numpy_iterator():
         case_id = ex["case_id"].decode()
         pred, _ = predict_case(
             model,
@@ -149,17 +207,25 @@ def evaluate_cases(
             setup.plan,
             config.patch.patch_size,
             len(setup.class_names),
-            overlap=config.train.sliding_window_overlap,
-            batch_size=config.patch.batch_size,
+            overlap=config.inference.overlap,
+            batch_size=config.inference.batch_size,
+            weighting=config.inference.weighting,
+            mirror_axes=config.inference.mirror_axes,
+            stride=stride(config.model.depth),
+            probabilities=False,
         )
         truth = ex["label"]
-        scores = {
-            f"dice_{setup.class_names[c]}": float(d)
-            for c, d in dice_per_class(pred, truth, classes).items()
-        }
-        for region, labels in setup.regions.items():
-            scores[f"dice_{region}"] = float(dice_region(pred, truth, labels))
-        results.append(CaseResult(case_id, scores))
+        scores = score_case(
+            pred,
+            truth,
+            ex["spacing"],
+            setup.class_names,
+            setup.regions,
+            tolerance=evaluation.surface_tolerance_mm,
+            percentile=evaluation.hd_percentile,
+        )
+        pp = postprocessing_scores(pred, truth, classes) if evaluation.postprocess else {}
+        results.append(CaseResult(case_id, scores, pp))
         # keep the case with the most foreground classes for the overlay
         n_present = len(np.unique(truth))
         if example is None or n_present > example["n_present"]:
@@ -178,6 +244,7 @@ def run_experiment(
     config: Config, callbacks: Sequence[keras.callbacks.Callback] = ()
 ) -> ExperimentResult:
     """Run every phase of one experiment and return what each produced."""
+    make_strategy(config.train.strategy)  # before any TF op: multi-worker needs it so
     timings = {}
     t0 = time.perf_counter()
     setup = prepare_data(config)

@@ -97,3 +97,37 @@ def test_summarize_all_nan_metric_is_nan_without_warnings():
     assert summary["dice_tumor"]["n"] == 0
     assert all(math.isnan(summary["dice_tumor"][k]) for k in ("mean", "median", "std"))
     assert summarize([]) == {}
+
+
+def test_iou_and_volume_difference_match_numpy():
+    from medseg.evaluation import iou_per_class, volume_difference
+
+    rng = np.random.default_rng(5)
+    spacing = (2.5, 0.8, 1.2)
+    voxel = 2.5 * 0.8 * 1.2
+    for _ in range(4):
+        truth = rng.integers(0, 3, size=(4, 5, 6))
+        pred = np.where(rng.random(truth.shape) < 0.6, truth, rng.integers(0, 3, truth.shape))
+        iou = iou_per_class(pred, truth, [1, 2, 5])
+        for c in (1, 2):
+            p, t = pred == c, truth == c
+            assert iou[c] == pytest.approx(np.logical_and(p, t).sum() / np.logical_or(p, t).sum())
+            # Dice and IoU of the same masks satisfy D = 2 J / (1 + J)
+            assert dice_per_class(pred, truth, [c])[c] == pytest.approx(2 * iou[c] / (1 + iou[c]))
+            diff, rel = volume_difference(p, t, spacing)
+            assert diff == pytest.approx((p.sum() - t.sum()) * voxel)
+            assert rel == pytest.approx((p.sum() - t.sum()) / t.sum())
+        assert math.isnan(iou[5])
+
+
+def test_iou_and_volume_difference_empty_conventions():
+    from medseg.evaluation import iou_per_class, volume_difference
+
+    empty = np.zeros((2, 3, 4), bool)
+    one = empty.copy()
+    one[1, 2, 3] = True
+    assert iou_per_class(one.astype(int), empty.astype(int), [1]) == {1: 0.0}
+    assert all(math.isnan(v) for v in volume_difference(empty, empty, (1, 1, 1)))
+    diff, rel = volume_difference(one, empty, (2.0, 1.0, 0.5))
+    assert diff == 1.0 and math.isnan(rel)
+    assert volume_difference(empty, one, (2.0, 1.0, 0.5)) == (-1.0, -1.0)

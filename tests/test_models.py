@@ -117,5 +117,7 @@ def test_registry():
     assert MODELS["unet"] is build_unet
     model = build_model("unet", num_classes=2, ndim=2, depth=2, filters=4, name="tiny")
     assert model.name == "tiny"
-    with pytest.raises(ValueError, match="unknown model 'vnet': known models are unet"):
+    with pytest.raises(
+        ValueError, match="unknown model 'vnet': known models are attention_residual_unet, "
+    ):
         build_model("vnet", num_classes=2)

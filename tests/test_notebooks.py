@@ -113,3 +113,210 @@ def test_train_notebook_defaults_are_the_config_defaults():
     }
     for name, key in mapping.items():
         assert params[name] == flat[key], (name, params[name], flat[key])
+
+
+# -- every notebook at tiny size, each checked through the MLflow runs it leaves -----------
+
+ROOT = Path(__file__).parents[1]
+
+
+def _tiny(tiny_data_dir: str, **extra) -> dict:
+    """Parameters that make any notebook of the phantom run in seconds."""
+    return {
+        "config_name": "tiny",
+        "data_dir": tiny_data_dir,
+        "epochs": 1,
+        "steps_per_epoch": 2,
+        "patch_size": [8, 16, 16],
+        "filters": 4,
+        "depth": 2,
+        "overrides": {
+            "preprocess.target_spacing": [4.0, 2.0, 2.0],
+            "patch.validation_patches": 1,
+            "tracking.log_model": False,
+        },
+        **extra,
+    }
+
+
+def _store(tmp_path) -> tuple[TrackingConfig, MlflowClient]:
+    tracking = TrackingConfig(
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        artifact_root=str(tmp_path),
+        experiment="notebooks",
+    )
+    return tracking, MlflowClient(tracking.tracking_uri)
+
+
+def _outputs(path) -> tuple[str, list[str]]:
+    """Text and the image types shown by an executed notebook's cells."""
+    executed = nbformat.read(path, as_version=4)
+    outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
+    text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+    images = [t for o in outputs for t in o.get("data", {}) if t.startswith("image/")]
+    return text, images
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> list[str]:
+    found = []
+    for info in client.list_artifacts(run_id, path or None):
+        found += _artifacts(client, run_id, info.path) if info.is_dir else [info.path]
+    return found
+
+
+@pytest.mark.slow
+def test_explore_dataset_notebook_logs_fingerprint_plots_and_samples(tiny_data_dir, tmp_path):
+    from medseg import datasets
+
+    tracking, client = _store(tmp_path)
+    params = {
+        "config_name": "tiny",
+        "data_dir": tiny_data_dir,
+        "patch_size": [8, 16, 16],
+        "sample_cases": 2,
+        "overrides": {"preprocess.target_spacing": [4.0, 2.0, 2.0]},
+    }
+    output, run_id = run_notebook(
+        ROOT / "notebooks" / "explore_dataset.ipynb", params, tracking,
+        output=tmp_path / "explore.out.ipynb",
+    )
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["medseg.notebook"] == "explore_dataset.ipynb"
+    builder = datasets.get_builder("kits_phantom", "tiny", tiny_data_dir)
+    fingerprint = datasets.read_fingerprint(builder)
+    assert run.data.tags["dataset.fingerprint_hash"] == datasets.fingerprint_hash(fingerprint)
+    artifacts = _artifacts(client, run_id)
+    assert "plots/dataset_overview.png" in artifacts
+    assert len([a for a in artifacts if a.startswith("plots/sample_")]) == 2
+    assert "notebooks/explore.out.ipynb" in artifacts
+    logged = Path(client.download_artifacts(run_id, "fingerprint.json", str(tmp_path)))
+    assert json.loads(logged.read_text()) == fingerprint
+    text, images = _outputs(output)
+    assert f"cases: {fingerprint['num_cases']}" in text  # the fingerprint table
+    assert images.count("image/png") == 1 and images.count("image/gif") == 2
+
+
+@pytest.mark.slow
+def test_tune_notebook_runs_a_study_nested_under_its_run(tiny_data_dir, tmp_path):
+    tracking, client = _store(tmp_path)
+    params = _tiny(
+        tiny_data_dir,
+        space={"train.learning_rate": "log:1e-3:3e-2"},
+        n_trials=2,
+        storage=f"sqlite:///{tmp_path}/optuna.db",
+        study_name="nb",
+    )
+    output, run_id = run_notebook(
+        ROOT / "notebooks" / "tune.ipynb", params, tracking, output=tmp_path / "tune.out.ipynb"
+    )
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["optuna.study_name"] == "nb"
+    assert run.data.params["tune.n_trials"] == "2"
+    trials = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
+    )
+    assert sorted(int(t.data.tags["optuna.trial_number"]) for t in trials) == [0, 1]
+    assert {t.data.params["train.epochs"] for t in trials} == {"1"}
+    artifacts = _artifacts(client, run_id)
+    assert {"tuning/trials.tsv", "tuning/best_config.json", "notebooks/tune.out.ipynb"} <= set(
+        artifacts
+    )
+    text, _ = _outputs(output)
+    assert f"study MLflow run: {run_id}" in text and "best trial" in text
+
+
+@pytest.mark.slow
+def test_cross_validate_notebook_runs_nested_folds(tiny_data_dir, tmp_path):
+    tracking, client = _store(tmp_path)
+    params = _tiny(tiny_data_dir, protocol="kfold", folds=2)
+    output, run_id = run_notebook(
+        ROOT / "notebooks" / "cross_validate.ipynb", params, tracking,
+        output=tmp_path / "cv.out.ipynb",
+    )
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert "notebooks/cv.out.ipynb" in _artifacts(client, run_id)
+    evaluation_id = run.data.tags["medseg.evaluation_run"]
+    evaluation = client.get_run(evaluation_id)
+    folds = client.search_runs(
+        [evaluation.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{evaluation_id}'",
+    )
+    assert len(folds) == 2
+    assert evaluation.data.params["evaluation.protocol"] == "kfold"
+    assert "cv_dice_kidney_mean" in evaluation.data.metrics
+    text, images = _outputs(output)
+    assert f"evaluation run (folds nested): {evaluation_id}" in text
+    assert "2 folds, 4 test cases" in text
+    assert "image/png" in images
+
+
+@pytest.mark.slow
+def test_predict_notebook_scores_the_newest_model_as_its_training_run_did(
+    tiny_config, tmp_path
+):
+    from medseg.tracking import run_training
+
+    tracking, client = _store(tmp_path)
+    config = tiny_config(
+        **{"tracking.tracking_uri": tracking.tracking_uri,
+           "tracking.artifact_root": str(tmp_path), "tracking.experiment": "notebooks"}
+    )
+    _, training_id = run_training(config)
+    # model_uris = []: the newest logged model of the experiment, i.e. the one just trained
+    output, run_id = run_notebook(
+        ROOT / "notebooks" / "predict.ipynb", {"experiment": "notebooks"}, tracking,
+        output=tmp_path / "predict.out.ipynb",
+    )
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["medseg.training_run"] == training_id
+    assert run.data.tags["medseg.models"] == f"runs:/{training_id}/model"
+    trained = client.get_run(training_id).data.metrics
+    # the logged model on the same validation cases: the training run's own evaluation
+    for key in ("val_case_dice_kidney_mean", "val_case_dice_tumour_mean"):
+        if key in trained:
+            assert run.data.metrics[key] == pytest.approx(trained[key], abs=1e-6)
+    assert "val_case_dice_kidney_mean" in run.data.metrics
+    artifacts = _artifacts(client, run_id)
+    assert any(a.startswith("plots/overlay_") and a.endswith(".gif") for a in artifacts)
+    _, images = _outputs(output)
+    assert "image/gif" in images
+
+
+@pytest.mark.parametrize(
+    "name, mapping",
+    [
+        ("explore_dataset", {"dataset": "data.dataset", "config_name": "data.config",
+                             "split": "data.split", "seed": "seed",
+                             "patch_size": "patch.patch_size",
+                             "tracking_uri": "tracking.tracking_uri"}),
+        ("tune", {"config_name": "data.config", "epochs": "train.epochs",
+                  "patch_size": "patch.patch_size", "filters": "model.filters",
+                  "n_trials": "tune.n_trials", "metric": "tune.metric",
+                  "pruner": "tune.pruner", "storage": "tune.storage", "timeout": "tune.timeout",
+                  "pruner_startup_trials": "tune.pruner_startup_trials",
+                  "workers": "tune.workers", "tracking_uri": "tracking.tracking_uri"}),
+        ("cross_validate", {"config_name": "data.config", "folds": "evaluation.folds",
+                            "epochs": "train.epochs", "steps_per_epoch": "train.steps_per_epoch",
+                            "patch_size": "patch.patch_size", "filters": "model.filters",
+                            "depth": "model.depth", "seed": "seed",
+                            "tracking_uri": "tracking.tracking_uri"}),
+        ("predict", {"overlap": "inference.overlap", "experiment": "tracking.experiment",
+                     "tracking_uri": "tracking.tracking_uri"}),
+    ],
+)
+def test_notebook_defaults_are_the_config_defaults(name, mapping):
+    from medseg.config import Config
+
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    params: dict = {}
+    exec(cell.source, {}, params)
+    flat = Config().to_flat_dict()
+    for param, key in mapping.items():
+        assert params[param] == flat[key], (param, params[param], flat[key])
+    if name == "tune":  # the space is a dict there: papermill cannot parse "=" in strings
+        assert [f"{k}={v}" for k, v in params["space"].items()] == flat["tune.space"]

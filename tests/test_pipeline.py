@@ -1,12 +1,20 @@
 """The tf.data pipeline on the tiny phantom dataset."""
 
+import dataclasses
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
+from numpy.lib.stride_tricks import sliding_window_view
 
 from medseg import datasets
-from medseg.config import PatchConfig, PreprocessConfig
+from medseg.config import AugmentConfig, PatchConfig, PreprocessConfig
 from medseg.pipeline import (
+    CaseTable,
+    cache_key,
+    case_order,
+    check_patch_config,
     check_patch_fits,
     plan_preprocessing,
     preprocessed_cases,
@@ -42,19 +50,45 @@ def test_read_cases_filters_by_id(setup):
     builder, _, _ = setup
     ids = read_case_ids(builder, "train")
     assert len(ids) == 4
-    got = [ex["case_id"].decode() for ex in read_cases(builder, "train", ids[1:3]).as_numpy_iterator()]
+    got = [
+        ex["case_id"].decode() for ex in read_cases(builder, "train", ids[1:3]).as_numpy_iterator()
+    ]
     assert sorted(got) == sorted(ids[1:3])
 
 
 def test_patch_larger_than_volume_is_a_clear_error(setup):
     builder, fingerprint, plan = setup
-    with pytest.raises(ValueError, match=r"patch size \(64, 64, 64\) is larger than the preprocessed"):
+    with pytest.raises(
+        ValueError, match=r"patch size \(64, 64, 64\) is larger than the preprocessed"
+    ):
         check_patch_fits(fingerprint, plan, (64, 64, 64), builder.info.full_name)
     check_patch_fits(fingerprint, plan, (4, 8, 8))
 
 
-def _cases(builder, plan, ids, seed=0):
-    return preprocessed_cases(builder, "train", ids, plan, num_classes=3, seed=seed)
+def _cases(builder, plan, ids, seed=0, **kwargs):
+    return preprocessed_cases(builder, "train", ids, plan, num_classes=3, seed=seed, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def table(setup):
+    """The tiny training cases, preprocessed once, in memory."""
+    builder, _, plan = setup
+    return CaseTable.from_dataset(_cases(builder, plan, read_case_ids(builder, "train")))
+
+
+def _blocks(volume, size):
+    """Every ``size`` block of a (D, H, W[, C]) volume, flattened per position."""
+    size = tuple(size) + volume.shape[3:]
+    return sliding_window_view(volume, size).reshape(-1, int(np.prod(size)))
+
+
+def _locate(table, image, size):
+    """(case, flat position) of every case block equal to ``image`` (brute force)."""
+    hits = []
+    for k, volume in enumerate(table.images):
+        blocks = _blocks(volume.numpy(), size)
+        hits += [(k, int(i)) for i in np.flatnonzero((blocks == image.ravel()).all(axis=1))]
+    return hits
 
 
 def test_training_batches_shapes_one_hot_and_foreground(setup):
@@ -101,3 +135,222 @@ def test_validation_patches_are_fixed(setup):
     np.testing.assert_array_equal(batches[1][2:], batches[0][:2])
     for x, y in zip(first, second, strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def _orders(count, num_cases, seed):
+    """The case of each of the first ``count`` stream elements."""
+    return np.array(
+        [int(case_order(tf.constant(e, tf.int64), num_cases, seed)) for e in range(count)]
+    )
+
+
+def _batches(ds, count):
+    return [(x.numpy(), y.numpy()) for x, y in ds.take(count)]
+
+
+def test_batch_at_step_s_depends_only_on_seed_and_s(table):
+    patch = PatchConfig(patch_size=(4, 8, 8), batch_size=3, foreground_share=0.5)
+    full = _batches(training_dataset(table, len(table), patch, 3, seed=9), 7)
+    for start in (1, 4):
+        resumed = _batches(training_dataset(table, len(table), patch, 3, 9, start_step=start), 3)
+        for (x, y), (rx, ry) in zip(full[start : start + 3], resumed, strict=True):
+            np.testing.assert_array_equal(x, rx)
+            np.testing.assert_array_equal(y, ry)
+    # the patches are genuinely random: no two batches of the stream coincide
+    assert len({x.tobytes() for x, _ in full}) == len(full)
+
+
+def test_case_order_visits_every_case_once_per_round():
+    n = 5
+    order = _orders(40, n, seed=3)
+    rounds = order.reshape(-1, n)
+    for r in rounds:
+        assert sorted(r.tolist()) == list(range(n))
+    assert len({tuple(r) for r in rounds}) > 1  # reshuffled each round
+    assert not np.array_equal(order, _orders(40, n, seed=4))
+
+
+def test_training_patches_are_blocks_of_the_cached_cases(table):
+    patch = PatchConfig(patch_size=(4, 8, 8), batch_size=2)
+    n = 3
+    batches = _batches(training_dataset(table, len(table), patch, 3, seed=1), n)
+    expected_cases = _orders(2 * n, len(table), 1)
+    elements = [pair for x, y in batches for pair in zip(x, y, strict=True)]
+    for e, (image, onehot) in enumerate(elements):
+        hits = _locate(table, image, (4, 8, 8))
+        assert hits and {k for k, _ in hits} == {expected_cases[e]}
+        k, i = hits[0]
+        label = _blocks(table.labels[k].numpy(), (4, 8, 8))[i]
+        np.testing.assert_array_equal(np.argmax(onehot, -1).ravel(), label)
+
+
+def test_case_without_foreground_neither_hangs_nor_fails_in_the_pipeline(table):
+    blank = CaseTable(
+        case_ids=("blank", table.case_ids[0]),
+        images=(table.images[1], table.images[0]),
+        labels=(tf.zeros_like(table.labels[1]), table.labels[0]),
+        coords=(tf.zeros([0, 3], tf.int32), table.coords[0]),
+        classes=(tf.zeros([0], tf.int32), table.classes[0]),
+    )
+    patch = PatchConfig(
+        patch_size=(4, 8, 8),
+        batch_size=2,
+        foreground_share=1.0,
+        min_foreground=0.5,
+        max_redraws=8,
+    )
+    order = _orders(16, 2, 0).reshape(8, 2)
+    for (x, y), cases in zip(
+        _batches(training_dataset(blank, 2, patch, 3, 0), 8), order, strict=True
+    ):
+        assert x.shape == (2, 4, 8, 8, 1)
+        for b, case in enumerate(cases):
+            has_foreground = bool(np.any(np.argmax(y[b], -1) > 0))
+            assert has_foreground == (case == 1)  # the real case is centred on foreground
+
+
+def test_slice_mode_gives_2d_inputs_of_slabs(table):
+    patch = PatchConfig(patch_size=(3, 8, 8), batch_size=2, mode="slice")
+    x, y = _batches(training_dataset(table, len(table), patch, 3, seed=2), 1)[0]
+    assert x.shape == (2, 8, 8, 3) and y.shape == (2, 8, 8, 3)
+    for image, onehot in zip(x, y, strict=True):
+        slab = np.transpose(image.reshape(8, 8, 3, 1), (2, 0, 1, 3))  # back to (k, H, W, C)
+        hits = _locate(table, slab, (3, 8, 8))
+        assert hits
+        k, i = hits[0]
+        labels = _blocks(table.labels[k].numpy(), (3, 8, 8))[i].reshape(3, 8, 8)
+        np.testing.assert_array_equal(np.argmax(onehot, -1), labels[1])  # the centre slice
+    # 2D inputs go through augmentation too (its 2D path: axes the slice lacks are ignored)
+    augmented = training_dataset(table, len(table), patch, 3, 2, augment=AugmentConfig(jit=False))
+    ax, ay = _batches(augmented, 1)[0]
+    assert ax.shape == x.shape and ay.shape == y.shape and np.isfinite(ax).all()
+    np.testing.assert_array_equal(ay.sum(-1), 1.0)
+
+
+def test_full_mode_gives_whole_padded_cases(table):
+    patch = PatchConfig(patch_size=(4, 8, 8), batch_size=1, mode="full", pad_multiple=8)
+    batches = _batches(training_dataset(table, len(table), patch, 3, seed=4), 3)
+    cases = _orders(3, len(table), 4)
+    for (x, y), case in zip(batches, cases, strict=True):
+        image, label = table.images[case].numpy(), table.labels[case].numpy()
+        target = [-(-max(s, 4) // 8) * 8 for s in label.shape]
+        pads = [(0, t - s) for t, s in zip(target, label.shape, strict=True)]
+        np.testing.assert_array_equal(x[0], np.pad(image, pads + [(0, 0)]))
+        np.testing.assert_array_equal(np.argmax(y[0], -1), np.pad(label, pads))
+    with pytest.raises(ValueError, match=r"patch.mode='full' cannot be augmented"):
+        training_dataset(table, len(table), patch, 3, 4, augment=AugmentConfig())
+    # a batch of differently shaped cases is padded to its largest
+    patch2 = dataclasses.replace(patch, batch_size=2)
+    x, _ = _batches(training_dataset(table, len(table), patch2, 3, seed=4), 1)[0]
+    largest = [max(table.labels[c].shape[a] for c in cases[:2]) for a in range(3)]
+    assert list(x.shape[1:4]) == [-(-s // 8) * 8 for s in largest]
+
+
+def test_patch_config_errors_name_the_key(table):
+    bad = {
+        "mode": ("volume", "patch.mode='volume'"),
+        "min_foreground": (1.5, r"patch.min_foreground=1.5 must be in \[0, 1\]"),
+        "max_redraws": (-1, "patch.max_redraws=-1"),
+        "patch_size": ((2, 8, 8), "slice mode needs an odd slab"),
+    }
+    for key, (value, message) in bad.items():
+        config = PatchConfig(**{key: value, "mode": "slice" if key == "patch_size" else "patch"})
+        if key == "mode":
+            config = PatchConfig(mode=value)
+        with pytest.raises(ValueError, match=message):
+            check_patch_config(config)
+        with pytest.raises(ValueError, match=message):
+            training_dataset(table, len(table), config, 3, 0)
+
+
+def _cache_entries(root):
+    return sorted(p.name for p in Path(root).glob("*/*"))
+
+
+def test_file_cache_is_reused_and_a_new_plan_gets_its_own(setup, tmp_path, monkeypatch):
+    builder, fingerprint, plan = setup
+    ids = read_case_ids(builder, "train")[:2]
+    memory = CaseTable.from_dataset(_cases(builder, plan, ids))
+    first = CaseTable.from_dataset(_cases(builder, plan, ids, cache_dir=tmp_path))
+    entries = _cache_entries(tmp_path)
+    assert (
+        len(entries) == 1
+        and (
+            Path(tmp_path) / builder.info.full_name.replace("/", "_") / entries[0] / "cases.index"
+        ).is_file()
+    )
+    for a, b in zip(memory.images, first.images, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+    # a second pipeline with the same plan reads the cache: preprocessing is not run
+    import medseg.pipeline.dataset as dataset_module
+
+    real = dataset_module.preprocess_case
+
+    def poisoned(image, label, spacing, plan):
+        image, label = real(image, label, spacing, plan)
+        return image + 1e4, label
+
+    monkeypatch.setattr(dataset_module, "preprocess_case", poisoned)
+    again = CaseTable.from_dataset(_cases(builder, plan, ids, cache_dir=tmp_path))
+    assert _cache_entries(tmp_path) == entries
+    for a, b in zip(first.images, again.images, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+    # another plan (another clip) is another key: preprocessed afresh, not the stale cache
+    other = plan_preprocessing(
+        PreprocessConfig(target_spacing=(4.0, 2.0, 2.0), clip=(-50.0, 200.0)), fingerprint
+    )
+    fresh = CaseTable.from_dataset(_cases(builder, other, ids, cache_dir=tmp_path))
+    assert len(_cache_entries(tmp_path)) == 2
+    assert all(float(tf.reduce_min(image)) > 5e3 for image in fresh.images)  # poisoned: fresh
+
+
+def test_interrupted_file_cache_write_is_not_taken_for_a_cache(setup, tmp_path, monkeypatch):
+    builder, _, plan = setup
+    ids = read_case_ids(builder, "train")
+    import medseg.pipeline.dataset as dataset_module
+
+    real = dataset_module.read_cases
+
+    def failing_after_two(*args, **kwargs):
+        ds = real(*args, **kwargs)
+
+        def fail(ex):
+            tf.debugging.assert_equal(1, 0, message="simulated crash while caching")
+            return ex
+
+        return ds.take(2).concatenate(ds.skip(2).map(fail))
+
+    monkeypatch.setattr(dataset_module, "read_cases", failing_after_two)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="simulated crash"):
+        _cases(builder, plan, ids, cache_dir=tmp_path)
+    assert _cache_entries(tmp_path) == []  # neither a cache nor a partial one is left
+    monkeypatch.setattr(dataset_module, "read_cases", real)
+    # what tf.data leaves after a kill mid-write: a lockfile and a temp shard, no index
+    key = cache_key(builder, "train", ids, plan, 3, 0)
+    killed = Path(tmp_path) / builder.info.full_name.replace("/", "_") / f"{key}.partial-4999999-0"
+    killed.mkdir(parents=True)
+    (killed / "cases_0.lockfile").write_text("")
+    (killed / "cases_0.data-00000-of-00001.tempstate1").write_bytes(b"half")
+    complete = CaseTable.from_dataset(_cases(builder, plan, ids, cache_dir=tmp_path))
+    assert len(complete) == len(ids)
+    assert _cache_entries(tmp_path) == [key]  # the dead run's partial write is cleared
+
+
+def test_augmentation_applies_to_each_sampled_patch_and_its_labels(table):
+    # only mirroring along the last axis, always: the augmented stream is the plain one
+    # flipped, patch for patch (augmentation has its own seed stream, placement is unchanged)
+    never = {
+        f.name: 0.0 for f in dataclasses.fields(AugmentConfig) if f.name.endswith("probability")
+    }
+    flip = AugmentConfig(**{**never, "flip_probability": 1.0, "flip_axes": (2,), "jit": False})
+    patch = PatchConfig(patch_size=(4, 8, 8), batch_size=2)
+    plain = _batches(training_dataset(table, len(table), patch, 3, seed=5), 2)
+    flipped = _batches(training_dataset(table, len(table), patch, 3, 5, augment=flip), 2)
+    for (x, y), (fx, fy) in zip(plain, flipped, strict=True):
+        np.testing.assert_array_equal(fx, x[:, :, :, ::-1])
+        np.testing.assert_array_equal(fy, y[:, :, :, ::-1])
+    off = dataclasses.replace(flip, enabled=False)
+    unchanged = _batches(training_dataset(table, len(table), patch, 3, 5, augment=off), 2)
+    np.testing.assert_array_equal(unchanged[0][0], plain[0][0])

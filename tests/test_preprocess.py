@@ -1,5 +1,7 @@
 """Preprocessing ops against numpy/scipy references."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -14,6 +16,13 @@ from medseg.pipeline import (
     resample,
     resample_labels,
     resampled_shape,
+)
+from medseg.pipeline.preprocess import (
+    anisotropic_axis,
+    crop_to_box,
+    nonzero_box,
+    one_hot,
+    pad_to_shape,
 )
 
 FINGERPRINT = {
@@ -88,12 +97,16 @@ def test_plan_errors_are_clear():
         plan_preprocessing(PreprocessConfig(), {"foreground_intensity": None})
     with pytest.raises(ValueError, match="lower bound must be below upper"):
         plan_preprocessing(PreprocessConfig(clip=(10, -10)), FINGERPRINT)
-    with pytest.raises(ValueError, match="normalize='minmax'"):
-        plan_preprocessing(PreprocessConfig(normalize="minmax"), FINGERPRINT)
+    with pytest.raises(ValueError, match="normalize='cubic': use one of fingerprint, image"):
+        plan_preprocessing(PreprocessConfig(normalize="cubic"), FINGERPRINT)
+    with pytest.raises(ValueError, match="normalize='ct' clips to the fingerprint's percentiles"):
+        plan_preprocessing(PreprocessConfig(normalize="ct", clip=(-79, 304)), FINGERPRINT)
+    with pytest.raises(ValueError, match="anisotropy_threshold=1.0 must be above 1"):
+        plan_preprocessing(PreprocessConfig(anisotropy_threshold=1.0), FINGERPRINT)
 
 
 def test_normalize_clips_then_zscores():
-    image = np.array([-1000.0, -50.0, 100.0, 250.0, 3000.0], np.float32)
+    image = np.array([-1000.0, -50.0, 100.0, 250.0, 3000.0], np.float32)[:, None]
     plan = PreprocessPlan(target_spacing=None, clip=(-50.0, 250.0), mean=120.0, std=40.0)
     expected = (np.clip(image, -50, 250) - 120.0) / 40.0
     np.testing.assert_allclose(normalize(tf.constant(image), plan).numpy(), expected, rtol=1e-6)
@@ -106,12 +119,210 @@ def test_preprocess_case_resamples_image_and_label_together():
     rng = np.random.default_rng(3)
     image = rng.integers(-100, 300, size=(6, 20, 20)).astype(np.int16)
     label = (image > 100).astype(np.uint8)
+    # spacing ratio 2 < 3: linear along every axis
     plan = PreprocessPlan(target_spacing=(3.0, 2.0, 2.0), clip=None, mean=0.0, std=1.0)
     out_image, out_label = preprocess_case(
-        tf.constant(image), tf.constant(label), tf.constant([4.5, 1.0, 1.0]), plan
+        tf.constant(image), tf.constant(label), tf.constant([2.0, 1.0, 1.0]), plan
     )
-    assert out_image.shape == (9, 10, 10, 1) and out_label.shape == (9, 10, 10)
-    grid = _centre_coords((9, 10, 10), image.shape)
+    assert out_image.shape == (4, 10, 10, 1) and out_label.shape == (4, 10, 10)
+    grid = _centre_coords((4, 10, 10), image.shape)
     ref = map_coordinates(image.astype(np.float32), grid, order=1, mode="nearest")
     np.testing.assert_allclose(out_image.numpy()[..., 0], ref, atol=1e-3)
     assert set(np.unique(out_label.numpy())) <= {0, 1}
+
+
+def _nearest_index(new, old):
+    """Half-pixel nearest neighbour: output o reads floor((o + 0.5) * old / new)."""
+    return np.minimum(np.floor((np.arange(new) + 0.5) * old / new).astype(int), old - 1)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_2d_linear_resampling_matches_scipy(channels):
+    image = np.random.default_rng(4).normal(size=(9, 14, channels)).astype(np.float32)
+    out = resample(tf.constant(image), (13, 6)).numpy()
+    grid = _centre_coords((13, 6), image.shape[:2])
+    ref = np.stack(
+        [map_coordinates(image[..., c], grid, order=1, mode="nearest") for c in range(channels)],
+        -1,
+    )
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_2d_label_resampling_keeps_labels():
+    label = np.random.default_rng(5).integers(0, 4, size=(9, 14)).astype(np.int32)
+    out = resample_labels(tf.constant(label), (5, 23)).numpy()
+    np.testing.assert_array_equal(out, label[np.ix_(_nearest_index(5, 9), _nearest_index(23, 14))])
+
+
+@pytest.mark.parametrize(
+    "spacing, target, axis",
+    [
+        ((5.0, 1.0, 1.0), (2.5, 1.5, 1.5), 0),  # thick slices: no interpolation across them
+        ((1.0, 1.0, 1.0), (1.0, 1.0, 4.0), 2),  # isotropic data, anisotropic target
+        ((1.0, 4.0, 1.0), (1.0, 1.0, 1.0), 1),
+        ((3.0, 1.0, 1.0), (3.0, 1.5, 1.5), -1),  # ratio 3 is not above the threshold
+        ((4.0, 4.0, 1.0), (2.0, 2.0, 2.0), -1),  # two coarse axes: nnU-Net interpolates all
+    ],
+)
+def test_anisotropic_axis_follows_nnunet(spacing, target, axis):
+    assert int(anisotropic_axis(spacing, target, 3.0)) == axis
+
+
+def test_anisotropic_resampling_is_nearest_along_the_coarse_axis_only():
+    rng = np.random.default_rng(6)
+    image = rng.normal(size=(5, 8, 9)).astype(np.float32)
+    label = rng.integers(0, 3, size=image.shape).astype(np.uint8)
+    plan = PreprocessPlan(target_spacing=(2.5, 1.5, 1.5), clip=None, mean=0.0, std=1.0)
+    out, out_label = preprocess_case(
+        tf.constant(image), tf.constant(label), tf.constant([5.0, 1.0, 1.0]), plan
+    )
+    new_shape = (10, 5, 6)
+    assert out.shape == (*new_shape, 1)
+    _, gy, gx = _centre_coords(new_shape, image.shape)
+    gz = np.broadcast_to(_nearest_index(10, 5)[:, None, None], new_shape).astype(float)
+    ref = map_coordinates(image, [gz, gy, gx], order=1, mode="nearest")
+    np.testing.assert_allclose(out.numpy()[..., 0], ref, atol=1e-5)
+    index = np.ix_(*[_nearest_index(n, o) for n, o in zip(new_shape, image.shape, strict=True)])
+    np.testing.assert_array_equal(out_label.numpy(), label[index])
+    # the same case with the rule switched off interpolates along the slices
+    linear = dataclasses.replace(plan, anisotropy_threshold=10.0)
+    out_linear, _ = preprocess_case(tf.constant(image), None, tf.constant([5.0, 1.0, 1.0]), linear)
+    ref_linear = map_coordinates(image, _centre_coords(new_shape, image.shape), order=1, mode="nearest")
+    np.testing.assert_allclose(out_linear.numpy()[..., 0], ref_linear, atol=1e-5)
+
+
+def test_per_image_normalizations_are_per_channel():
+    rng = np.random.default_rng(7)
+    image = (rng.normal(size=(4, 5, 6, 2)) * [1.0, 50.0] + [0.0, 300.0]).astype(np.float32)
+    base = PreprocessPlan(target_spacing=None, clip=None, mean=None, std=None)
+    z = normalize(tf.constant(image), base).numpy()
+    ref = (image - image.mean((0, 1, 2))) / image.std((0, 1, 2))
+    np.testing.assert_allclose(z, ref, atol=1e-4)
+    mm = normalize(tf.constant(image), dataclasses.replace(base, normalize="minmax")).numpy()
+    low, high = image.min((0, 1, 2)), image.max((0, 1, 2))
+    np.testing.assert_allclose(mm, (image - low) / (high - low), atol=1e-5)
+    clipped = dataclasses.replace(base, normalize="none", clip=(0.0, 310.0))
+    np.testing.assert_array_equal(
+        normalize(tf.constant(image), clipped).numpy(), np.clip(image, 0.0, 310.0)
+    )
+
+
+def test_ct_preset_and_per_channel_fingerprint_plans():
+    ct = plan_preprocessing(PreprocessConfig(normalize="ct"), FINGERPRINT)
+    assert (ct.clip, ct.mean, ct.std) == ((-50.0, 250.0), 120.0, 40.0)
+    image = np.array([-300.0, -50.0, 0.0, 249.0, 900.0], np.float32)[:, None]
+    np.testing.assert_allclose(
+        normalize(tf.constant(image), ct).numpy(), (np.clip(image, -50, 250) - 120) / 40, rtol=1e-6
+    )
+    two = {
+        "foreground_intensity": FINGERPRINT["foreground_intensity"],
+        "foreground_intensity_per_channel": [
+            FINGERPRINT["foreground_intensity"],
+            {"percentile_00_5": 0.0, "percentile_99_5": 10.0, "mean": 4.0, "std": 2.0},
+        ],
+    }
+    plan = plan_preprocessing(PreprocessConfig(normalize="ct"), two)
+    assert plan.clip == ((-50.0, 0.0), (250.0, 10.0))
+    assert (plan.mean, plan.std) == ((120.0, 4.0), (40.0, 2.0))
+    assert PreprocessPlan.from_dict(plan.to_dict()) == plan
+    image = np.random.default_rng(8).uniform(-100, 400, size=(3, 4, 5, 2)).astype(np.float32)
+    lo, hi = np.array([-50.0, 0.0]), np.array([250.0, 10.0])
+    ref = (np.clip(image, lo, hi) - [120.0, 4.0]) / [40.0, 2.0]
+    np.testing.assert_allclose(normalize(tf.constant(image), plan).numpy(), ref, rtol=1e-5)
+
+
+def test_plan_from_an_older_dict_gets_the_defaults():
+    old = {"target_spacing": [3, 1.5, 1.5], "clip": None, "mean": 1.0, "std": 2.0}
+    plan = PreprocessPlan.from_dict(old)
+    assert plan.normalize == "zscore" and not plan.crop_to_nonzero
+    assert plan.anisotropy_threshold == 3.0
+
+
+def _numpy_box(mask):
+    where = np.nonzero(mask)
+    return [int(w.min()) for w in where], [int(w.max()) + 1 for w in where]
+
+
+@pytest.mark.parametrize("threshold", [None, -500.0])
+def test_nonzero_box_of_any_channel(threshold):
+    rng = np.random.default_rng(9)
+    background = 0.0 if threshold is None else -1000.0
+    image = np.full((7, 9, 11, 2), background, np.float32)
+    image[2:5, 3:4, 1:6, 0] = rng.normal(100, 1, size=(3, 1, 5))
+    image[3:6, 5:8, 4:5, 1] = rng.normal(100, 1, size=(3, 3, 1))
+    start, stop = nonzero_box(tf.constant(image), threshold)
+    ref = _numpy_box(np.any(image != background, axis=-1))
+    assert (start.numpy().tolist(), stop.numpy().tolist()) == ref == ([2, 3, 1], [6, 8, 6])
+
+
+def test_empty_image_keeps_the_whole_box_and_crop_slices():
+    start, stop = nonzero_box(tf.zeros([4, 5, 1]))
+    assert start.numpy().tolist() == [0, 0] and stop.numpy().tolist() == [4, 5]
+    x = np.arange(4 * 5 * 6).reshape(4, 5, 6)
+    np.testing.assert_array_equal(crop_to_box(tf.constant(x), [1, 2], [3, 5]).numpy(), x[1:3, 2:5])
+
+
+def test_preprocess_case_crops_image_and_label_together():
+    rng = np.random.default_rng(10)
+    image = np.zeros((6, 10, 12), np.float32)
+    image[1:5, 2:9, 3:7] = rng.uniform(1, 2, size=(4, 7, 4))
+    label = np.zeros(image.shape, np.int32)
+    label[2:4, 3:5, 4:6] = 2
+    plan = PreprocessPlan(
+        target_spacing=None, clip=None, mean=None, std=None, normalize="none",
+        crop_to_nonzero=True,
+    )  # fmt: skip
+    out, out_label, (start, stop) = preprocess_case(
+        tf.constant(image), tf.constant(label), tf.constant([1.0, 1.0, 1.0]), plan, return_box=True
+    )
+    np.testing.assert_array_equal(out.numpy()[..., 0], image[1:5, 2:9, 3:7])
+    np.testing.assert_array_equal(out_label.numpy(), label[1:5, 2:9, 3:7])
+    assert start.numpy().tolist() == [1, 2, 3] and stop.numpy().tolist() == [5, 9, 7]
+
+
+def test_pad_to_shape_matches_numpy_and_leaves_large_axes():
+    x = np.arange(3 * 8 * 2, dtype=np.float32).reshape(3, 8, 2)
+    out = pad_to_shape(tf.constant(x), (6, 5), value=-1).numpy()
+    np.testing.assert_array_equal(out, np.pad(x, [(1, 2), (0, 0), (0, 0)], constant_values=-1))
+
+
+def test_preprocess_case_pads_to_min_shape_in_2d_with_channels():
+    rng = np.random.default_rng(11)
+    image = rng.normal(size=(5, 7, 2)).astype(np.float32)
+    label = rng.integers(0, 2, size=(5, 7)).astype(np.int32)
+    plan = PreprocessPlan(target_spacing=(1.0, 2.0), clip=None, mean=0.0, std=1.0)
+    out, out_label = preprocess_case(
+        tf.constant(image), tf.constant(label), tf.constant([1.0, 1.0]), plan, min_shape=(8, 4)
+    )
+    assert out.shape == (8, 4, 2) and out_label.shape == (8, 4)
+    resampled = resample(tf.constant(image), (5, 4)).numpy()
+    np.testing.assert_allclose(out.numpy()[1:6], resampled, atol=1e-6)
+    assert np.all(out.numpy()[[0, 6, 7]] == 0) and np.all(out_label.numpy()[[0, 6, 7]] == 0)
+
+
+def test_one_hot_matches_numpy_eye():
+    label = np.random.default_rng(12).integers(0, 4, size=(3, 4, 5))
+    np.testing.assert_array_equal(one_hot(tf.constant(label), 4).numpy(), np.eye(4)[label])
+
+
+def test_preprocess_case_runs_in_tf_data_with_unknown_shapes():
+    rng = np.random.default_rng(13)
+    image = rng.normal(size=(6, 9, 10)).astype(np.float32)
+    label = rng.integers(0, 3, size=image.shape).astype(np.int32)
+    plan = PreprocessPlan(target_spacing=(1.0, 1.0, 1.0), clip=None, mean=None, std=None)
+    spacing = np.array([4.0, 1.5, 1.0])
+
+    def gen():
+        yield image, label, spacing
+
+    sig = (
+        tf.TensorSpec([None, None, None], tf.float32),
+        tf.TensorSpec([None, None, None], tf.int32),
+        tf.TensorSpec([3], tf.float64),
+    )
+    ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
+    got = next(iter(ds.map(lambda im, lab, sp: preprocess_case(im, lab, sp, plan))))
+    eager = preprocess_case(tf.constant(image), tf.constant(label), tf.constant(spacing), plan)
+    assert got[0].shape == (24, 14, 10, 1)
+    np.testing.assert_allclose(got[0].numpy(), eager[0].numpy(), atol=1e-6)
+    np.testing.assert_array_equal(got[1].numpy(), eager[1].numpy())

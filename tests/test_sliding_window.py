@@ -7,7 +7,12 @@ import itertools
 import numpy as np
 import pytest
 
-from medseg.inference import gaussian_importance, predict_sliding_window, window_starts
+from medseg.inference import (
+    gaussian_importance,
+    mirror_flips,
+    predict_sliding_window,
+    window_starts,
+)
 
 # -- window_starts -----------------------------------------------------------------------
 
@@ -237,3 +242,183 @@ def test_keras_model_passed_directly_equals_whole_image(weighting):
     whole = np.asarray(model.predict_on_batch(image[None]))[0]
     assert result.shape == whole.shape
     np.testing.assert_allclose(result, whole, rtol=1e-5, atol=1e-6)
+
+
+# -- exact merging under 1, 2, 4 and 8 patches, with mirroring and ensembles -------------
+
+
+def flip_mean_reference(predict_fns, mirror_axes):
+    """Per patch: the mean over models and over every subset of ``mirror_axes`` of
+    flip(model(flip(patch))), written out with numpy."""
+
+    def reference(patch):
+        predictions = []
+        for predict_fn in predict_fns:
+            for size in range(len(mirror_axes) + 1):
+                for axes in itertools.combinations(mirror_axes, size):
+                    flipped = np.flip(patch, axes) if axes else patch
+                    probs = predict_fn(np.ascontiguousarray(flipped)[None])[0]
+                    predictions.append(np.flip(probs, axes) if axes else probs)
+        return np.mean(predictions, axis=0)
+
+    return reference
+
+
+def brute_force_reference(image, reference, patch, origins, weights):
+    """Loop over windows and accumulate w * p and w per voxel; divide at the end."""
+    spatial = image.shape[:-1]
+    summed = np.zeros((*spatial, NUM_CLASSES))
+    weight_sum = np.zeros(spatial)
+    coverage = np.zeros(spatial, dtype=int)
+    for origin in origins:
+        window = tuple(slice(o, o + p) for o, p in zip(origin, patch, strict=True))
+        probs = reference(image[window])
+        summed[window] += weights[..., None] * probs
+        weight_sum[window] += weights
+        coverage[window] += 1
+    return summed / weight_sum[..., None], coverage
+
+
+@pytest.mark.parametrize("weighting", ["mean", "gaussian"])
+@pytest.mark.parametrize("mirror_axes", [(), (0, 2)])
+@pytest.mark.parametrize("models", [1, 2])
+def test_merge_is_exact_under_1_2_4_and_8_patches(weighting, mirror_axes, models):
+    rng = np.random.default_rng(5)
+    # per axis: 6 voxels, windows of 4 at [0, 2], so indices 0,1,4,5 lie in one window and
+    # 2,3 in two; in 3D every voxel lies in 1, 2, 4 or 8 windows
+    shape, patch = (6, 6, 6), (4, 4, 4)
+    image = coordinate_image(shape, rng)
+    predict_fns = [make_predict_fn(3, image.shape[-1], seed=s) for s in range(models)]
+    origins = list(itertools.product([0, 2], repeat=3))
+    weights = gaussian_importance(patch) if weighting == "gaussian" else np.ones(patch)
+
+    expected, coverage = brute_force_reference(
+        image, flip_mean_reference(predict_fns, mirror_axes), patch, origins, weights
+    )
+    values, counts = np.unique(coverage, return_counts=True)
+    assert dict(zip(values.tolist(), counts.tolist(), strict=True)) == {1: 64, 2: 96, 4: 48, 8: 8}
+
+    for predict_fn in predict_fns:
+        predict_fn.calls.clear()
+    model = predict_fns if models > 1 else predict_fns[0]
+    result = predict_sliding_window(
+        image, model, patch, NUM_CLASSES, overlap=0.5, batch_size=3, weighting=weighting,
+        mirror_axes=mirror_axes,
+    )
+    # 8 windows in batches of 3, each batch once per model and flip
+    flips = 2 ** len(mirror_axes)
+    for predict_fn in predict_fns:
+        assert predict_fn.calls == [3] * flips + [3] * flips + [2] * flips
+    for count in (1, 2, 4, 8):
+        covered = coverage == count
+        np.testing.assert_allclose(result[covered], expected[covered], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.sum(axis=-1), 1.0, atol=1e-5)
+    # the merge matters: a pairwise running average ((a + b) / 2 + c) / 2 ... differs
+    # from the exact mean where more than two patches overlap
+    if weighting == "mean":
+        running = np.zeros_like(expected)
+        seen = np.zeros(shape, dtype=bool)
+        reference = flip_mean_reference(predict_fns, mirror_axes)
+        for origin in origins:
+            window = tuple(slice(o, o + 4) for o in origin)
+            probs = reference(image[window])
+            running[window] = np.where(seen[window][..., None], (running[window] + probs) / 2, probs)
+            seen[window] = True
+        assert not np.allclose(running[coverage == 8], result[coverage == 8], atol=1e-4)
+
+
+def test_mirroring_and_ensembles_call_every_model_on_every_flip():
+    seen = []
+
+    def model_a(batch):
+        seen.append(("a", batch.copy()))
+        return batch
+
+    def model_b(batch):
+        seen.append(("b", batch.copy()))
+        return batch
+
+    image = one_hot_image((4, 4, 4), 3, np.random.default_rng(6))
+    result = predict_sliding_window(image, [model_a, model_b], (4, 4, 4), 3, mirror_axes=(1, 2))
+    np.testing.assert_array_equal(result, image)
+    assert [name for name, _ in seen] == ["a"] * 4 + ["b"] * 4
+    flipped = [batch[0] for name, batch in seen if name == "a"]
+    for got, axes in zip(flipped, [(), (1,), (2,), (1, 2)], strict=True):
+        np.testing.assert_array_equal(got, np.flip(image, axes) if axes else image)
+
+
+def test_mirror_flips():
+    assert mirror_flips([], 3) == [()]
+    assert mirror_flips([0, 2], 3) == [(), (1,), (3,), (1, 3)]
+    assert len(mirror_flips([0, 1, 2], 3)) == 8
+    with pytest.raises(ValueError, match="mirror_axes"):
+        mirror_flips([3], 3)
+    with pytest.raises(ValueError, match="mirror_axes"):
+        mirror_flips([1, 1], 3)
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+@pytest.mark.parametrize(
+    ("shape", "patch", "overlap"),
+    [((11, 13), (4, 5), 0.5), ((9, 2, 7), (4, 4, 4), 0.5), ((10, 11, 12), (4, 5, 6), 0.25)],
+)
+def test_identity_reproduces_one_hot_input_with_mirroring(shape, patch, overlap, mirror):
+    image = one_hot_image(shape, 3, np.random.default_rng(7))
+    axes = tuple(range(len(shape))) if mirror else ()
+    result = predict_sliding_window(
+        image, lambda batch: batch.copy(), patch, 3, overlap=overlap, mirror_axes=axes
+    )
+    np.testing.assert_array_equal(result, image)
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_identity_keras_model_reproduces_one_hot_input(mirror):
+    keras = pytest.importorskip("keras")
+    inputs = keras.Input(shape=(None, None, None, 3))
+    model = keras.Model(inputs, keras.layers.Activation("linear")(inputs))
+    image = one_hot_image((9, 10, 7), 3, np.random.default_rng(8))
+    result = predict_sliding_window(
+        image, model, (4, 4, 4), 3, overlap=0.5, batch_size=3,
+        mirror_axes=(0, 1, 2) if mirror else (),
+    )
+    np.testing.assert_array_equal(result, image)
+
+
+# -- full-image mode ------------------------------------------------------------------------
+
+
+def test_small_image_is_predicted_whole_padded_to_the_stride():
+    shapes = []
+
+    def identity(batch):
+        shapes.append(batch.shape)
+        return batch
+
+    image = one_hot_image((5, 6, 3), 3, np.random.default_rng(9))
+    result = predict_sliding_window(image, identity, (8, 8, 8), 3, stride=4)
+    assert shapes == [(1, 8, 8, 4, 3)]  # one pass, each axis padded up to a multiple of 4
+    np.testing.assert_array_equal(result, image)
+    # without the stride it is padded to the whole patch
+    shapes.clear()
+    predict_sliding_window(image, identity, (8, 8, 8), 3)
+    assert shapes == [(1, 8, 8, 8, 3)]
+    # an image larger than the patch along one axis takes the sliding window
+    shapes.clear()
+    big = one_hot_image((9, 6, 3), 3, np.random.default_rng(9))
+    np.testing.assert_array_equal(predict_sliding_window(big, identity, (8, 8, 8), 3, stride=4), big)
+    assert shapes == [(2, 8, 8, 8, 3)]
+
+
+def test_multi_output_model_uses_its_first_output():
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input(shape=(None, None, None, 2))
+    full = keras.layers.Conv3D(3, 1, activation="softmax")(inputs)
+    low = keras.layers.AveragePooling3D(2)(full)  # a deep-supervision head at half size
+    deep = keras.Model(inputs, [full, low])
+    single = keras.Model(inputs, full)
+    image = np.random.default_rng(10).normal(size=(9, 8, 10, 2)).astype(np.float32)
+    result = predict_sliding_window(image, deep, (4, 4, 4), 3, overlap=0.5)
+    expected = predict_sliding_window(image, single, (4, 4, 4), 3, overlap=0.5)
+    np.testing.assert_array_equal(result, expected)
+    np.testing.assert_allclose(result, single.predict_on_batch(image[None])[0], atol=1e-6)

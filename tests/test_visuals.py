@@ -137,3 +137,92 @@ def test_plot_learning_curves_writes_png(tmp_path):
     # a history without Dice metrics still plots
     plot_learning_curves({"loss": [1.0, 0.5]}, tmp_path / "loss_only.png")
     assert iio.imread(tmp_path / "loss_only.png").ndim == 3
+
+
+def test_label_colors_are_distinct_for_many_classes():
+    colors = visuals.label_colors(40)
+    assert list(colors) == list(range(1, 40))
+    assert colors[1] == (255, 0, 0) and colors[2] == (0, 0, 255)
+    assert len(set(colors.values())) == 39
+
+
+def test_overlay_draws_every_class_in_its_own_colour():
+    shape = (3, 4, 12)
+    image = np.zeros(shape, np.float32)
+    truth = np.zeros(shape, np.uint8)
+    truth[1, 2, :] = np.arange(12)  # labels 0..11 along one row
+    frames = overlay_frames(image, truth, None, window=(0.0, 1.0), alpha=1.0, gap=GAP)
+    colors = visuals.label_colors(12)
+    width = shape[2]
+    for label in range(1, 12):
+        np.testing.assert_array_equal(
+            panel_pixel(frames, 1, 2, label, 1, width), colors[label]
+        )
+    assert (panel_pixel(frames, 1, 2, 0, 1, width) == 0).all()  # background not drawn
+
+
+def test_overlay_gif_along_a_chosen_axis_reads_back(case, tmp_path):
+    image, truth, pred = case
+    for axis in (1, 2):
+        path = write_overlay_gif(tmp_path / f"axis{axis}.gif", image, truth, pred, axis=axis)
+        frames = iio.imread(path, index=None)
+        assert frames.shape[0] == SHAPE[axis]  # one frame per slice along the axis
+    # kidney voxel (2, 3, 4) seen along axis 1: frame 3, row 2, column 4 of the truth panel
+    frames = iio.imread(tmp_path / "axis1.gif", index=None)
+    assert is_red(panel_pixel(frames, 3, 2, 4, 1, SHAPE[2]))
+
+
+def test_slice_montage_reads_back(tmp_path):
+    shape = (12, 6, 7)
+    image = np.linspace(0, 1, np.prod(shape), dtype=np.float32).reshape(shape)
+    truth = np.zeros(shape, np.uint8)
+    truth[3:9, 2, 3] = 1  # labelled slices 3..8
+    pred = np.zeros(shape, np.uint8)
+    pred[5, 4, 4] = 3
+    montage, indices = visuals.slice_montage(image, truth, pred, num_slices=4, columns=2, gap=3)
+    assert list(indices) == [3, 5, 6, 8]  # evenly spread over the labelled slices
+    path = visuals.write_slice_montage(
+        tmp_path / "montage.png", image, truth, pred, num_slices=4, columns=2, gap=3
+    )
+    picture = iio.imread(path)
+    strip = 3 * 7 + 2 * 2  # three panels with the overlay's default 2-pixel gaps
+    assert picture.shape[:2] == (2 * 6 + 3, 2 * strip + 3)
+    np.testing.assert_array_equal(picture[..., :3], montage)
+    # cell 0 shows slice 3: kidney (row 2, column 3) red in the truth panel
+    assert is_red(picture[2, 7 + 2 + 3, :3].astype(int))
+    # cell 1 (top right) shows slice 5: label 3 predicted at (4, 4) in the third colour
+    rgb = picture[4, strip + 3 + 2 * (7 + 2) + 4, :3].astype(int)
+    assert rgb[1] > rgb[0] + 60 and rgb[1] > rgb[2] + 60  # green
+    assert (picture[:, strip : strip + 3] == 255).all()  # white gap between cells
+
+
+def test_metric_boxplots_and_dataset_overview_write_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    per_case = [
+        {"case_id": f"c{i}", "dice_kidney": rng.random(), "dice_tumor": rng.random(),
+         "hd95_kidney": 10 * rng.random(), "hd95_tumor": np.nan}
+        for i in range(6)
+    ]
+    path = visuals.plot_metric_boxplots(per_case, tmp_path / "box.png")
+    picture = iio.imread(path)
+    assert picture.ndim == 3 and picture[..., :3].std() > 0
+    visuals.plot_metric_boxplots([], tmp_path / "empty.png")
+    assert iio.imread(tmp_path / "empty.png").ndim == 3
+
+    images = [rng.normal(size=(3, 4, 5)) for _ in range(2)]
+    labels = [rng.integers(0, 3, size=(3, 4, 5)) for _ in range(2)]
+    pairs = list(zip(images, labels, strict=True))
+    edges, counts = visuals.intensity_histograms(pairs, 3, (-2.0, 2.0), bins=8)
+    for c in range(3):
+        want = sum(np.histogram(im[lab == c], bins=8, range=(-2, 2))[0] for im, lab in pairs)
+        np.testing.assert_array_equal(counts[c], want)
+    np.testing.assert_allclose(edges, np.linspace(-2, 2, 9))
+    fingerprint = {"class_names": ["background", "kidney", "tumor"], "num_cases": 2,
+                   "class_voxel_counts": [1000, 50, 5], "class_case_counts": [2, 2, 1]}
+    path = visuals.plot_dataset_overview(fingerprint, tmp_path / "data.png", (edges, counts))
+    wide = iio.imread(path)
+    narrow = iio.imread(visuals.plot_dataset_overview(fingerprint, tmp_path / "freq.png"))
+    assert wide.shape[1] > narrow.shape[1]  # the histogram panel is added
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "box.png", "data.png", "empty.png", "freq.png"
+    ]

@@ -1,4 +1,5 @@
-"""Visual reports: slice-by-slice overlay GIFs of a case, and learning-curve plots.
+"""Visual reports: overlay GIFs and slice montages of a case, learning curves, metric
+boxplots and the dataset-exploration view (class frequencies, intensity histograms per class).
 
 Figures are drawn on matplotlib's Agg canvas without pyplot, so reports never touch the
 global pyplot state or the interactive backend of a notebook. Files are written to a
@@ -19,13 +20,61 @@ from medseg.io.atomic import write_atomically
 
 __all__ = [
     "DEFAULT_CLASS_COLORS",
+    "intensity_histograms",
+    "label_colors",
     "overlay_frames",
+    "plot_dataset_overview",
     "plot_learning_curves",
+    "plot_metric_boxplots",
+    "slice_montage",
     "write_overlay_gif",
+    "write_slice_montage",
 ]
 
 #: KiTS colours: kidney red, tumour blue.
 DEFAULT_CLASS_COLORS: Mapping[int, tuple[int, int, int]] = {1: (255, 0, 0), 2: (0, 0, 255)}
+
+# after red and blue: distinct, saturated colours (Kelly's / Tableau-like), then hues
+_PALETTE = [
+    (255, 0, 0),
+    (0, 0, 255),
+    (0, 200, 0),
+    (255, 220, 0),
+    (255, 0, 255),
+    (0, 220, 220),
+    (255, 128, 0),
+    (128, 0, 255),
+    (128, 64, 0),
+    (0, 128, 128),
+]
+
+
+def label_colors(num_labels: int) -> dict[int, tuple[int, int, int]]:
+    """One distinct RGB colour per foreground label ``1 .. num_labels - 1``.
+
+    Parameters
+    ----------
+    num_labels : int
+        Number of labels including background (label 0 gets no colour).
+
+    Returns
+    -------
+    colors : dict of int to (r, g, b)
+        Kidney (1) red and tumour (2) blue as in `DEFAULT_CLASS_COLORS`, then eight more
+        fixed colours; beyond those, fully saturated hues spaced by the golden angle, so
+        any number of labels gets colours that differ from their neighbours.
+    """
+    import colorsys
+
+    colors = {}
+    for label in range(1, num_labels):
+        if label <= len(_PALETTE):
+            colors[label] = _PALETTE[label - 1]
+        else:
+            hue = (label * 0.618033988749895) % 1.0
+            r, g, b = colorsys.hsv_to_rgb(hue, 1.0, 1.0)
+            colors[label] = (round(r * 255), round(g * 255), round(b * 255))
+    return colors
 
 
 def _as_volume(array: np.ndarray, name: str) -> np.ndarray:
@@ -66,8 +115,9 @@ def overlay_frames(
     axis : int, optional
         Axis to slice along; one frame per index.
     class_colors : mapping of int to (r, g, b), optional
-        Colour of each label; defaults to `DEFAULT_CLASS_COLORS` (kidney red, tumour blue).
-        Labels without a colour (background) are not drawn.
+        Colour of each label; defaults to `label_colors` for every label present (kidney
+        red, tumour blue, then one distinct colour per further class). Labels without a
+        colour (background) are not drawn.
     alpha : float, optional
         Opacity of the label colours.
     window : (float, float), optional
@@ -93,7 +143,10 @@ def overlay_frames(
     for label in labels:
         if label is not None and label.shape != image.shape:
             raise ValueError(f"label shape {label.shape} differs from image shape {image.shape}")
-    colors = DEFAULT_CLASS_COLORS if class_colors is None else class_colors
+    if class_colors is None:
+        top = max((int(x.max()) for x in labels if x is not None and x.size), default=0)
+        class_colors = label_colors(top + 1)
+    colors = class_colors
 
     lo, hi = np.percentile(image, [1, 99]) if window is None else window
     scale = 255.0 / (hi - lo) if hi > lo else 0.0  # a constant image renders black
@@ -214,4 +267,217 @@ def plot_learning_curves(history: Mapping[str, Sequence[float]], path: str | os.
         ax.xaxis.get_major_locator().set_params(integer=True)
     dice_ax.set_ylim(0.0, 1.02)  # Dice is a fraction; a fixed scale makes runs comparable
 
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def _pick_slices(truth, pred, axis: int, depth: int, count: int) -> np.ndarray:
+    """``count`` slice indices evenly spread over the slices holding any label (else all)."""
+    present = np.zeros(depth, dtype=bool)
+    for label in (truth, pred):
+        if label is not None:
+            other = tuple(a for a in range(3) if a != axis % 3)
+            present |= np.asarray(label).reshape(np.shape(label)[:3]).any(axis=other)
+    candidates = np.flatnonzero(present) if present.any() else np.arange(depth)
+    if len(candidates) <= count:
+        return candidates
+    return candidates[np.round(np.linspace(0, len(candidates) - 1, count)).astype(int)]
+
+
+def slice_montage(
+    image: np.ndarray,
+    truth: np.ndarray | None,
+    pred: np.ndarray | None,
+    axis: int = 0,
+    num_slices: int = 9,
+    columns: int = 3,
+    gap: int = 4,
+    **kw,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A grid of image | ground truth | prediction strips of evenly spread slices.
+
+    Parameters
+    ----------
+    image, truth, pred, axis
+        As in `overlay_frames`.
+    num_slices : int, optional
+        Number of slices shown, spread evenly over the slices containing a label (over all
+        slices when there is none).
+    columns : int, optional
+        Strips per row of the grid.
+    gap : int, optional
+        White margin in pixels between strips.
+    **kw
+        Further keyword arguments of `overlay_frames` (``class_colors``, ``spacing``, ...).
+
+    Returns
+    -------
+    montage : ndarray of uint8, shape ``(rows * (H' + gap) - gap, columns * (W' + gap) - gap, 3)``
+        The grid, row by row; cells past the last slice are white.
+    indices : ndarray of int
+        The slice index shown in each cell, in row-major order.
+    """
+    if num_slices < 1 or columns < 1:
+        raise ValueError(f"num_slices and columns must be positive, got {num_slices}, {columns}")
+    frames = overlay_frames(image, truth, pred, axis=axis, **kw)
+    indices = _pick_slices(truth, pred, axis, frames.shape[0], num_slices)
+    columns = min(columns, len(indices))
+    rows = -(-len(indices) // columns)
+    height, width = frames.shape[1:3]
+    montage = np.full(
+        (rows * (height + gap) - gap, columns * (width + gap) - gap, 3), 255, dtype=np.uint8
+    )
+    for cell, index in enumerate(indices):
+        r, c = divmod(cell, columns)
+        top, left = r * (height + gap), c * (width + gap)
+        montage[top : top + height, left : left + width] = frames[index]
+    return montage, indices
+
+
+def write_slice_montage(path: str | os.PathLike, image, truth, pred, **kw) -> Path:
+    """Write `slice_montage` as a PNG (atomically); keyword arguments as there."""
+    montage, _ = slice_montage(image, truth, pred, **kw)
+    return write_atomically(path, lambda tmp: iio.imwrite(tmp, montage, extension=".png"))
+
+
+def plot_metric_boxplots(
+    per_case: Sequence[Mapping[str, float]],
+    path: str | os.PathLike,
+    metrics: Sequence[str] = ("dice", "iou", "surface_dice", "hd95", "asd", "volume_diff_rel"),
+    class_names: Sequence[str] | None = None,
+) -> Path:
+    """Boxplots of per-case metrics: one panel per metric, one box per class.
+
+    Parameters
+    ----------
+    per_case : sequence of dict
+        Scores of each case keyed ``<metric>_<class>`` (`medseg.evaluation.score_case`).
+    path : path-like
+        Target ``.png``.
+    metrics : sequence of str, optional
+        Metric prefixes to plot; metrics without any finite value are left out.
+    class_names : sequence of str, optional
+        Classes (the suffixes) in display order; default: every suffix found, sorted.
+
+    Returns
+    -------
+    path : Path
+    """
+    from matplotlib.figure import Figure
+
+    def values(metric: str, name: str) -> np.ndarray:
+        v = np.array([float(c.get(f"{metric}_{name}", np.nan)) for c in per_case], dtype=float)
+        return v[np.isfinite(v)]
+
+    panels = []
+    for metric in metrics:
+        names = class_names or sorted(
+            {k[len(metric) + 1 :] for c in per_case for k in c if k.startswith(metric + "_")}
+        )
+        data = [(n, values(metric, n)) for n in names]
+        data = [(n, v) for n, v in data if v.size]
+        if data:
+            panels.append((metric, data))
+
+    columns = max(1, min(3, len(panels)))
+    rows = max(1, -(-len(panels) // columns))
+    fig = Figure(figsize=(4 * columns, 3.2 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax, (metric, data) in zip(axes, panels, strict=False):
+        ax.boxplot([v for _, v in data], tick_labels=[n for n, _ in data], showmeans=True)
+        ax.set_title(f"{metric} ({sum(v.size for _, v in data)} values)")
+        ax.grid(alpha=0.3, axis="y")
+    for ax in axes[len(panels) :]:
+        ax.axis("off")
+    if not panels:
+        axes[0].text(0.5, 0.5, "no finite metric values", ha="center", va="center")
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def intensity_histograms(
+    cases, num_classes: int, value_range: tuple[float, float], bins: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel intensity histograms per class, accumulated over cases.
+
+    Parameters
+    ----------
+    cases : iterable of (image, label)
+        Images ``(D, H, W)`` or ``(D, H, W, C)`` (channel 0 is used) and their label maps.
+    num_classes : int
+        Number of labels, background included.
+    value_range : (float, float)
+        Histogram range; intensities outside it are not counted (as `numpy.histogram`).
+    bins : int, optional
+        Number of equal-width bins.
+
+    Returns
+    -------
+    edges : ndarray, shape ``(bins + 1,)``
+    counts : ndarray of int64, shape ``(num_classes, bins)``
+        ``counts[c]`` is the histogram of the voxels labelled ``c``.
+    """
+    edges = np.linspace(value_range[0], value_range[1], bins + 1)
+    counts = np.zeros((num_classes, bins), dtype=np.int64)
+    for image, label in cases:
+        image = np.asarray(image)
+        if image.ndim == 4:
+            image = image[..., 0]
+        label = np.asarray(label).reshape(image.shape)
+        for c in range(num_classes):
+            counts[c] += np.histogram(image[label == c], bins=edges)[0]
+    return edges, counts
+
+
+def plot_dataset_overview(
+    fingerprint: Mapping,
+    path: str | os.PathLike,
+    histograms: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Path:
+    """The dataset-exploration view: class frequencies and intensity histograms per class.
+
+    Parameters
+    ----------
+    fingerprint : dict
+        A dataset fingerprint (``class_names``, ``class_voxel_counts``,
+        ``class_case_counts``).
+    path : path-like
+        Target ``.png``.
+    histograms : (edges, counts), optional
+        From `intensity_histograms`; without it only the class frequencies are drawn.
+
+    Returns
+    -------
+    path : Path
+    """
+    from matplotlib.figure import Figure
+
+    names = list(fingerprint["class_names"])
+    voxels = np.asarray(fingerprint["class_voxel_counts"], dtype=float)
+    cases = np.asarray(fingerprint["class_case_counts"], dtype=float)
+    colors = {0: (128, 128, 128), **label_colors(len(names))}
+    rgb = [np.asarray(colors[i]) / 255 for i in range(len(names))]
+
+    panels = 3 if histograms is not None else 2
+    fig = Figure(figsize=(5 * panels, 4), layout="constrained")
+    axes = fig.subplots(1, panels)
+    share = 100 * voxels / max(voxels.sum(), 1)
+    axes[0].bar(names, share, color=rgb)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("% of voxels (log)")
+    axes[0].set_title("class voxel share")
+    for x, v in enumerate(share):
+        axes[0].annotate(f"{v:.3g} %", (x, v), ha="center", va="bottom", fontsize=8)
+    axes[1].bar(names, cases, color=rgb)
+    axes[1].set_title(f"cases containing the class (of {fingerprint.get('num_cases', '?')})")
+    if histograms is not None:
+        edges, counts = histograms
+        centres = (edges[:-1] + edges[1:]) / 2
+        for c, row in enumerate(np.asarray(counts)):
+            if row.sum():
+                axes[2].plot(centres, row / row.sum(), color=rgb[c], label=names[c])
+        axes[2].set_xlabel("intensity")
+        axes[2].set_ylabel("share of the class's voxels")
+        axes[2].set_title("intensity per class")
+        axes[2].legend()
+    for ax in axes[:2]:
+        ax.tick_params(axis="x", rotation=30)
     return write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

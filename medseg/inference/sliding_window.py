@@ -3,18 +3,33 @@
 A model trained on patches predicts a whole case patch by patch; overlapping patch
 predictions are merged with a per-voxel importance weight (uniform, or nnU-Net's Gaussian
 that trusts patch centres more than borders, where the receptive field is truncated).
+Each voxel gets ``sum_i w_i p_i / sum_i w_i`` over the patches containing it, accumulated
+and divided once, so the merge is exact however many patches overlap (MIScnn's pairwise
+running average is not). Each patch prediction ``p_i`` may itself be a mean over test-time
+flips and over the models of an ensemble.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from collections.abc import Callable, Sequence
 
+import keras
 import numpy as np
+import tensorflow as tf
 from scipy import ndimage
 
-__all__ = ["gaussian_importance", "predict_sliding_window", "window_starts"]
+__all__ = [
+    "as_predictor",
+    "gaussian_importance",
+    "mirror_flips",
+    "predict_batch",
+    "predict_sliding_window",
+    "sliding_window_tensor",
+    "window_starts",
+]
 
 
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:
@@ -84,100 +99,281 @@ def gaussian_importance(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8)
     return weights.astype(np.float32)
 
 
-def predict_sliding_window(
-    image: np.ndarray,
-    predict_fn: Callable[[np.ndarray], object],
+_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def as_predictor(model: Callable) -> Callable[[tf.Tensor], tf.Tensor]:
+    """Wrap a model as a function from a float32 batch tensor to a probability tensor.
+
+    Parameters
+    ----------
+    model : keras.Model or callable
+        A Keras model is called as ``model(batch, training=False)`` inside a
+        `tf.function` (traced once per batch shape). Any other callable gets
+        the batch as a NumPy array and may return anything array-like. A model with several
+        outputs (deep supervision) contributes its first, full-resolution one.
+
+    Returns
+    -------
+    callable
+        ``(B, *spatial, C)`` tensor → ``(B, *spatial, K)`` float32 tensor.
+    """
+    if isinstance(model, keras.Model):
+        forward = _FORWARD.get(model)
+        if forward is None:
+            # traced per batch shape (a sliding window has one or two; a graph traced for
+            # unknown sizes runs a third slower on CPU), and kept: cases reuse the traces.
+            # A weak reference, so that the cache does not keep the model alive.
+            ref = weakref.ref(model)
+
+            @tf.function(autograph=False)
+            def forward(batch):
+                return tf.cast(_first_output(ref()(batch, training=False)), tf.float32)
+
+            _FORWARD[model] = forward
+        return forward
+
+    def call(batch):
+        return tf.convert_to_tensor(_first_output(model(batch.numpy())), tf.float32)
+
+    return call
+
+
+def _first_output(outputs):
+    # deep supervision: the outputs are ordered from full resolution down
+    if isinstance(outputs, dict):
+        outputs = list(outputs.values())
+    if isinstance(outputs, list | tuple):
+        return outputs[0]
+    return outputs
+
+
+def mirror_flips(mirror_axes: Sequence[int], ndim: int) -> list[tuple[int, ...]]:
+    """Every combination of flips along ``mirror_axes``, as batch-tensor axes.
+
+    Parameters
+    ----------
+    mirror_axes : sequence of int
+        Spatial axes (``0 .. ndim - 1``) to mirror; empty for no mirroring.
+    ndim : int
+        Number of spatial axes.
+
+    Returns
+    -------
+    list of tuple of int
+        ``2 ** len(mirror_axes)`` tuples of axes of a ``(B, *spatial, C)`` tensor, the
+        first empty (the unflipped input).
+
+    Examples
+    --------
+    >>> mirror_flips([0, 2], 3)
+    [(), (1,), (3,), (1, 3)]
+    """
+    axes = [int(a) for a in mirror_axes]
+    if len(set(axes)) != len(axes) or any(not 0 <= a < ndim for a in axes):
+        raise ValueError(
+            f"mirror_axes={list(mirror_axes)} must be distinct spatial axes in 0..{ndim - 1}"
+        )
+    flips = []
+    for chosen in itertools.product((False, True), repeat=len(axes)):
+        flips.append(tuple(a + 1 for a, on in zip(axes, chosen, strict=True) if on))
+    return sorted(flips, key=lambda f: (len(f), f))
+
+
+def predict_batch(
+    predictors: Sequence[Callable[[tf.Tensor], tf.Tensor]],
+    batch: tf.Tensor,
+    flips: Sequence[tuple[int, ...]] = ((),),
+) -> tf.Tensor:
+    """Mean probabilities of every predictor over every flip of ``batch``.
+
+    Each flipped prediction is flipped back before averaging, so ensembling and test-time
+    mirroring are one average of ``len(predictors) * len(flips)`` predictions.
+    """
+    total, count = None, 0
+    for predict in predictors:
+        for axes in flips:
+            probs = predict(tf.reverse(batch, axes) if axes else batch)
+            if axes:
+                probs = tf.reverse(probs, axes)
+            total = probs if total is None else total + probs
+            count += 1
+    # a division, not a product with 1/count: the mean of equal values is then exact
+    return total if count == 1 else total / count
+
+
+def sliding_window_tensor(
+    image,
+    model: Callable | Sequence[Callable],
     patch_size: Sequence[int],
-    num_classes: int,
+    num_classes: int | None = None,
     overlap: float = 0.5,
     batch_size: int = 2,
     weighting: str = "gaussian",
     pad_value: float | None = None,
-) -> np.ndarray:
-    """Predict class probabilities for a whole image, patch by patch.
+    *,
+    mirror_axes: Sequence[int] = (),
+    stride: int | Sequence[int] | None = None,
+) -> tf.Tensor:
+    """`predict_sliding_window` returning a `tf.Tensor` (what `to_source_grid` takes).
 
-    Parameters
-    ----------
-    image : ndarray, shape ``(*spatial, C)``
-        The (preprocessed) image with a trailing channel axis; 2 or 3 spatial axes.
-    predict_fn : callable or keras.Model
-        Maps a float32 batch ``(B, *patch_size, C)`` to probabilities
-        ``(B, *patch_size, num_classes)`` (any array-like, e.g. a tensor). An object with a
-        ``predict_on_batch`` method (a Keras model) is called through that method.
-    patch_size : sequence of int
-        Spatial shape of a patch, one entry per spatial axis of ``image``.
-    num_classes : int
-        Number of output channels of ``predict_fn``.
-    overlap : float, optional
-        Fraction of a patch shared with its neighbour along each axis, in ``[0, 1)``
-        (see `window_starts`).
-    batch_size : int, optional
-        Number of patches per call of ``predict_fn``.
-    weighting : {"gaussian", "mean"}, optional
-        Per-voxel weight of a patch prediction when merging: `gaussian_importance`, or
-        uniform (a plain average of the overlapping predictions).
-    pad_value : float, optional
-        Value used to pad axes shorter than the patch (symmetrically); defaults to the
-        image minimum (background after intensity normalisation).
-
-    Returns
-    -------
-    probabilities : ndarray of float32, shape ``(*spatial, num_classes)``
-        For every voxel, ``sum_i w_i p_i / sum_i w_i`` over the patches ``i`` containing it,
-        where ``w_i`` is the weight at the voxel's position inside patch ``i``. A weighted
-        average of distributions, so it sums to 1 wherever the model's outputs do.
+    Batches run through TensorFlow on its device; cutting patches and merging them are
+    NumPy view operations on the host, which cost a few per cent of the forward passes
+    (``benchmarks/inference.py``).
     """
-    image = np.asarray(image, dtype=np.float32)
+    image = tf.convert_to_tensor(image, tf.float32)
     patch_size = tuple(int(p) for p in patch_size)
-    spatial = image.shape[:-1]
-    if image.ndim < 2 or len(spatial) != len(patch_size):
+    ndim = len(patch_size)
+    spatial = tuple(int(s) for s in image.shape[:-1])
+    if image.shape.rank < 2 or len(spatial) != ndim:
         raise ValueError(
-            f"image of shape {image.shape} must be (*spatial, C) with {len(patch_size)} "
+            f"image of shape {tuple(image.shape)} must be (*spatial, C) with {ndim} "
             f"spatial axes to match patch_size {patch_size}"
         )
+    if any(p < 1 for p in patch_size):
+        raise ValueError(f"patch_size {patch_size} must be positive")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if weighting == "gaussian":
         weights = gaussian_importance(patch_size)
     elif weighting == "mean":
         weights = np.ones(patch_size, dtype=np.float32)
     else:
         raise ValueError(f"weighting must be 'gaussian' or 'mean', got {weighting!r}")
-    predict = getattr(predict_fn, "predict_on_batch", predict_fn)
+    models = list(model) if isinstance(model, list | tuple) else [model]
+    if not models:
+        raise ValueError("no model given")
+    predictors = [as_predictor(m) for m in models]
+    flips = mirror_flips(mirror_axes, ndim)
 
-    # pad axes shorter than the patch, symmetrically, and remember how to crop back
-    before = [max(0, p - s) // 2 for s, p in zip(spatial, patch_size, strict=True)]
-    after = [max(0, p - s) - b for s, p, b in zip(spatial, patch_size, before, strict=True)]
-    if any(before) or any(after):
-        fill = float(image.min()) if pad_value is None else float(pad_value)
-        widths = [*zip(before, after, strict=True), (0, 0)]
-        image = np.pad(image, widths, mode="constant", constant_values=fill)
-    padded = image.shape[:-1]
+    # full-image mode: an image no larger than a patch is predicted in one pass, padded
+    # only up to the network's stride (a multiple of it is all a U-Net needs)
+    whole = stride is not None and all(s <= p for s, p in zip(spatial, patch_size, strict=True))
+    if whole:
+        strides = (int(stride),) * ndim if np.isscalar(stride) else tuple(int(s) for s in stride)
+        target = [-(-s // k) * k for s, k in zip(spatial, strides, strict=True)]
+    else:
+        target = [max(s, p) for s, p in zip(spatial, patch_size, strict=True)]
+    # pad symmetrically and remember how to crop back
+    before = [(t - s) // 2 for s, t in zip(spatial, target, strict=True)]
+    if any(t > s for s, t in zip(spatial, target, strict=True)):
+        fill = tf.reduce_min(image) if pad_value is None else float(pad_value)
+        widths = [(b, t - s - b) for s, t, b in zip(spatial, target, before, strict=True)]
+        image = tf.pad(image, [*widths, (0, 0)], constant_values=fill)
+    crop = tuple(slice(b, b + s) for b, s in zip(before, spatial, strict=True))
 
+    def checked(probs, batch):
+        expected = (*batch.shape[:-1], num_classes or probs.shape[-1])
+        if tuple(probs.shape) != tuple(expected):
+            raise ValueError(
+                f"the model returned shape {tuple(probs.shape)} for a batch of shape "
+                f"{tuple(batch.shape)}; expected {tuple(expected)}"
+            )
+        return probs
+
+    if whole:
+        batch = image[None]
+        return checked(predict_batch(predictors, batch, flips), batch)[0][crop]
+
+    padded = tuple(int(s) for s in image.shape[:-1])
     starts = itertools.product(
         *(window_starts(s, p, overlap) for s, p in zip(padded, patch_size, strict=True))
     )
     windows = [
         tuple(slice(o, o + p) for o, p in zip(origin, patch_size, strict=True)) for origin in starts
     ]
-    # float32 accumulators: the division at the end makes the merge exact for any number
-    # of overlapping patches, unlike a running average
-    summed = np.zeros((*padded, num_classes), dtype=np.float32)
-    weight_sum = np.zeros(padded, dtype=np.float32)
-    expected = (*patch_size, num_classes)
+    # accumulate sum(w * p) and sum(w) and divide once at the end: exact for any number of
+    # overlapping patches, unlike a running pairwise average. Patches are cut and merged
+    # with NumPy views on the host; only whole batches go through TensorFlow (a tf.Variable
+    # slice update copies the whole accumulator, and each eager op costs milliseconds)
+    image = image.numpy()
+    weights_channel = weights[..., None]
+    summed = weight_sum = scratch = None
     for first in range(0, len(windows), batch_size):
         batch_windows = windows[first : first + batch_size]
-        batch = np.stack([image[window] for window in batch_windows])
-        probs = np.asarray(predict(batch), dtype=np.float32)
-        if probs.shape != (len(batch_windows), *expected):
-            raise ValueError(
-                f"predict_fn returned shape {probs.shape} for a batch of shape {batch.shape}; "
-                f"expected {(len(batch_windows), *expected)}"
-            )
-        for window, patch_probs in zip(batch_windows, probs, strict=True):
-            summed[window] += weights[..., None] * patch_probs
+        batch = tf.constant(np.stack([image[window] for window in batch_windows]))
+        probs = np.asarray(checked(predict_batch(predictors, batch, flips), batch))
+        if summed is None:
+            num_classes = int(probs.shape[-1])
+            summed = np.zeros((*padded, num_classes), np.float32)
+            weight_sum = np.zeros(padded, np.float32)
+            scratch = np.empty(probs.shape[1:], np.float32)
+        for index, window in enumerate(batch_windows):
+            summed[window] += np.multiply(probs[index], weights_channel, out=scratch)
             weight_sum[window] += weights
 
-    merged = summed / weight_sum[..., None]
-    crop = tuple(slice(b, b + s) for b, s in zip(before, spatial, strict=True))
-    return merged[crop]
+    summed = summed[crop]
+    summed /= weight_sum[crop][..., None]
+    return tf.constant(summed)
+
+
+def predict_sliding_window(
+    image: np.ndarray,
+    predict_fn: Callable | Sequence[Callable],
+    patch_size: Sequence[int],
+    num_classes: int | None = None,
+    overlap: float = 0.5,
+    batch_size: int = 2,
+    weighting: str = "gaussian",
+    pad_value: float | None = None,
+    *,
+    mirror_axes: Sequence[int] = (),
+    stride: int | Sequence[int] | None = None,
+) -> np.ndarray:
+    """Predict class probabilities for a whole image, patch by patch.
+
+    Parameters
+    ----------
+    image : array-like, shape ``(*spatial, C)``
+        The (preprocessed) image with a trailing channel axis; 2 or 3 spatial axes.
+    predict_fn : keras.Model or callable, or a list of them
+        Maps a float32 batch ``(B, *patch_size, C)`` to probabilities
+        ``(B, *patch_size, num_classes)`` (see `as_predictor`: Keras models run in one
+        `tf.function`, other callables get NumPy arrays). Several models form an ensemble:
+        their probabilities are averaged.
+    patch_size : sequence of int
+        Spatial shape of a patch, one entry per spatial axis of ``image``.
+    num_classes : int, optional
+        Number of output channels of ``predict_fn``; checked if given, else taken from the
+        first prediction.
+    overlap : float, optional
+        Fraction of a patch shared with its neighbour along each axis, in ``[0, 1)``
+        (see `window_starts`).
+    batch_size : int, optional
+        Number of patches per forward pass.
+    weighting : {"gaussian", "mean"}, optional
+        Per-voxel weight of a patch prediction when merging: `gaussian_importance`, or
+        uniform (a plain average of the overlapping predictions).
+    pad_value : float, optional
+        Value used to pad axes shorter than the patch (symmetrically); defaults to the
+        image minimum (background after intensity normalisation).
+    mirror_axes : sequence of int, optional
+        Test-time mirroring: every patch is also predicted flipped along each combination
+        of these spatial axes (``2 ** len(mirror_axes)`` passes), flipped back and averaged.
+    stride : int or sequence of int, optional
+        Total down-sampling factor of the network (``2 ** (depth - 1)`` for a U-Net). If
+        given, an image no larger than a patch along every axis is predicted whole in one
+        pass, padded only to a multiple of ``stride``; otherwise it is padded to the patch.
+
+    Returns
+    -------
+    probabilities : ndarray of float32, shape ``(*spatial, num_classes)``
+        For every voxel, ``sum_i w_i p_i / sum_i w_i`` over the patches ``i`` containing it,
+        where ``w_i`` is the weight at the voxel's position inside patch ``i`` and ``p_i``
+        the (ensemble and mirror) mean prediction. A weighted average of distributions, so
+        it sums to 1 wherever the model's outputs do.
+    """
+    return sliding_window_tensor(
+        image,
+        predict_fn,
+        patch_size,
+        num_classes,
+        overlap,
+        batch_size,
+        weighting,
+        pad_value,
+        mirror_axes=mirror_axes,
+        stride=stride,
+    ).numpy()

@@ -1,6 +1,10 @@
 """``tf.data`` input pipelines: preprocessing, patch sampling, assembly."""
 
 from medseg.pipeline.dataset import (
+    CaseTable,
+    cache_key,
+    case_order,
+    check_patch_config,
     check_patch_fits,
     preprocessed_cases,
     read_case_ids,
@@ -11,7 +15,12 @@ from medseg.pipeline.dataset import (
 )
 from medseg.pipeline.preprocess import (
     PreprocessPlan,
+    anisotropic_axis,
+    crop_to_box,
+    nonzero_box,
     normalize,
+    one_hot,
+    pad_to_shape,
     plan_preprocessing,
     preprocess_case,
     resample,
@@ -20,9 +29,18 @@ from medseg.pipeline.preprocess import (
 )
 
 __all__ = [
+    "CaseTable",
     "PreprocessPlan",
+    "anisotropic_axis",
+    "cache_key",
+    "case_order",
+    "check_patch_config",
     "check_patch_fits",
+    "crop_to_box",
+    "nonzero_box",
     "normalize",
+    "one_hot",
+    "pad_to_shape",
     "plan_preprocessing",
     "preprocess_case",
     "preprocessed_cases",

@@ -1,7 +1,12 @@
-"""Per-case preprocessing as TensorFlow graph ops: resampling, clipping, normalization.
+"""Per-case preprocessing as TensorFlow graph ops: cropping, clipping, normalization,
+resampling, padding.
 
 Every function takes and returns tensors and works inside ``tf.data.Dataset.map``.
-Volumes are channels-last: ``(D, H, W, C)``; label maps are ``(D, H, W)``.
+Images are channels-last ``(*spatial, C)`` with 2 or 3 spatial axes (``(D, H, W, C)`` for
+volumes); label maps are ``(*spatial)``.
+
+The order of :func:`preprocess_case` is nnU-Net's: crop to the non-zero region (raw
+intensities), clip and normalize, resample to the target spacing, pad to a minimum shape.
 """
 
 from __future__ import annotations
@@ -14,6 +19,11 @@ import numpy as np
 import tensorflow as tf
 
 from medseg.config import PreprocessConfig
+from medseg.pipeline.spatial import resize, resize_axis
+
+NORMALIZATIONS = ("fingerprint", "image", "minmax", "ct", "none")
+
+Number = float | tuple[float, ...]  # one value, or one per channel
 
 
 @dataclass(frozen=True)
@@ -22,32 +32,62 @@ class PreprocessPlan:
 
     It is the "plan" of nnU-Net's phases (fingerprint → plan → preprocess): computed once
     from the config and the dataset fingerprint, logged with the run and reused for
-    prediction.
+    prediction. ``clip`` bounds, ``mean`` and ``std`` are one number or one per channel.
     """
 
-    target_spacing: tuple[float, float, float] | None
-    clip: tuple[float, float] | None
-    mean: float | None  # None: z-score per image
-    std: float | None
+    target_spacing: tuple[float, ...] | None
+    clip: tuple[Number, Number] | None
+    mean: Number | None  # None with normalize="zscore": z-score per image
+    std: Number | None
+    normalize: str = "zscore"  # "zscore" | "minmax" | "none"
+    crop_to_nonzero: bool = False
+    crop_threshold: float | None = None
+    anisotropy_threshold: float = 3.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PreprocessPlan:
-        def tup(v):
-            return None if v is None else tuple(float(x) for x in v)
+        """Inverse of :meth:`to_dict` (lists become tuples); later fields are optional."""
 
+        def num(v):
+            if v is None:
+                return None
+            return tuple(float(x) for x in v) if isinstance(v, list | tuple) else float(v)
+
+        def tup(v):
+            return None if v is None else tuple(num(x) for x in v)
+
+        extra = {
+            k: values[k]
+            for k in ("normalize", "crop_to_nonzero", "crop_threshold", "anisotropy_threshold")
+            if k in values
+        }
         return cls(
             target_spacing=tup(values["target_spacing"]),
             clip=tup(values["clip"]),
-            mean=values["mean"],
-            std=values["std"],
+            mean=num(values["mean"]),
+            std=num(values["std"]),
+            **extra,
         )
+
+
+def _channel_stats(fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
+    per_channel = fingerprint.get("foreground_intensity_per_channel")
+    return list(per_channel) if per_channel else [fingerprint.get("foreground_intensity") or {}]
+
+
+def _per_channel(values: list) -> Number:
+    values = [float(v) for v in values]
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def plan_preprocessing(config: PreprocessConfig, fingerprint: dict[str, Any]) -> PreprocessPlan:
     """Resolve ``config`` against a dataset ``fingerprint`` into a :class:`PreprocessPlan`.
+
+    Multi-channel fingerprints (``foreground_intensity_per_channel``) give per-channel
+    clip bounds, means and standard deviations.
 
     Raises
     ------
@@ -55,18 +95,36 @@ def plan_preprocessing(config: PreprocessConfig, fingerprint: dict[str, Any]) ->
         If the config asks for fingerprint statistics the fingerprint does not have
         (e.g. a dataset without any foreground voxel), or names an unknown mode.
     """
-    intensity = fingerprint.get("foreground_intensity") or {}
+    channels = _channel_stats(fingerprint)
+
+    def fingerprint_values(*keys, why):
+        missing = [k for k in keys for c in channels if c.get(k) is None]
+        if missing:
+            raise ValueError(
+                f"{why} needs the foreground intensity {', '.join(sorted(set(missing)))}, "
+                "but the dataset fingerprint has none (no foreground voxels?)"
+            )
+        return [_per_channel([c[k] for c in channels]) for k in keys]
+
+    if config.normalize not in NORMALIZATIONS:
+        raise ValueError(
+            f"preprocess.normalize={config.normalize!r}: use one of {', '.join(NORMALIZATIONS)}"
+        )
+    if config.normalize == "ct" and config.clip != "fingerprint":
+        raise ValueError(
+            f"preprocess.normalize='ct' clips to the fingerprint's percentiles, but "
+            f"preprocess.clip={config.clip!r}: set clip='fingerprint', or use "
+            "normalize='fingerprint' with fixed bounds"
+        )
     if isinstance(config.clip, str):
         if config.clip == "none":
             clip = None
         elif config.clip == "fingerprint":
-            lo, hi = intensity.get("percentile_00_5"), intensity.get("percentile_99_5")
-            if lo is None or hi is None:
-                raise ValueError(
-                    "preprocess.clip='fingerprint' needs foreground intensity percentiles, "
-                    "but the dataset fingerprint has none (no foreground voxels?)"
+            clip = tuple(
+                fingerprint_values(
+                    "percentile_00_5", "percentile_99_5", why="preprocess.clip='fingerprint'"
                 )
-            clip = (float(lo), float(hi))
+            )
         else:
             raise ValueError(
                 f"preprocess.clip={config.clip!r}: use 'fingerprint', 'none' or two numbers"
@@ -76,29 +134,42 @@ def plan_preprocessing(config: PreprocessConfig, fingerprint: dict[str, Any]) ->
         if clip[0] >= clip[1]:
             raise ValueError(f"preprocess.clip={list(clip)}: lower bound must be below upper")
 
-    if config.normalize == "fingerprint":
-        mean, std = intensity.get("mean"), intensity.get("std")
-        if mean is None or not std:
-            raise ValueError(
-                "preprocess.normalize='fingerprint' needs the foreground mean and std, "
-                "but the dataset fingerprint has none"
-            )
-        if clip is not None:
-            # nnU-Net's CT scheme: statistics of the clipped foreground; the fingerprint's
-            # are of the unclipped values, which differ little inside 0.5-99.5 %.
-            mean = float(np.clip(mean, *clip))
-        mean, std = float(mean), float(std)
-    elif config.normalize == "image":
-        mean = std = None
-    else:
-        raise ValueError(f"preprocess.normalize={config.normalize!r}: use 'fingerprint' or 'image'")
+    mean = std = None
+    scheme = "zscore"
+    if config.normalize in ("fingerprint", "ct"):
+        why = f"preprocess.normalize={config.normalize!r}"
+        mean, std = fingerprint_values("mean", "std", why=why)
+        if min(np.atleast_1d(std)) <= 0:
+            raise ValueError(f"{why}: the fingerprint's foreground std is {std}, not positive")
+        if config.normalize == "fingerprint" and clip is not None:
+            # statistics of the clipped foreground; the fingerprint's are of the unclipped
+            # values, which differ little inside 0.5-99.5 % (nnU-Net's "ct" uses them as is)
+            mean = _per_channel(np.clip(mean, clip[0], clip[1]).reshape(-1).tolist())
+    elif config.normalize in ("minmax", "none"):
+        scheme = config.normalize
 
     target = None
     if config.target_spacing is not None:
         target = tuple(float(s) for s in config.target_spacing)
         if min(target) <= 0:
             raise ValueError(f"preprocess.target_spacing={list(target)} must be positive")
-    return PreprocessPlan(target_spacing=target, clip=clip, mean=mean, std=std)
+    if config.anisotropy_threshold <= 1:
+        raise ValueError(
+            f"preprocess.anisotropy_threshold={config.anisotropy_threshold} must be above 1"
+        )
+    return PreprocessPlan(
+        target_spacing=target,
+        clip=clip,
+        mean=mean,
+        std=std,
+        normalize=scheme,
+        crop_to_nonzero=bool(config.crop_to_nonzero),
+        crop_threshold=None if config.crop_threshold is None else float(config.crop_threshold),
+        anisotropy_threshold=float(config.anisotropy_threshold),
+    )
+
+
+# -- resampling ----------------------------------------------------------------------------
 
 
 def resampled_shape(shape, spacing, target_spacing) -> tf.Tensor:
@@ -111,80 +182,227 @@ def resampled_shape(shape, spacing, target_spacing) -> tf.Tensor:
     return tf.maximum(tf.cast(tf.round(shape * ratio), tf.int32), 1)
 
 
-def resample(volume: tf.Tensor, new_shape, method: str = "linear") -> tf.Tensor:
-    """Resample a ``(D, H, W, C)`` volume to spatial shape ``new_shape``.
+def anisotropic_axis(spacing, target_spacing, threshold: float = 3.0) -> tf.Tensor:
+    """The axis resampled without interpolation under nnU-Net's anisotropy rule, or -1.
 
-    Separable: in-plane first (slices as the batch), then along the slice axis, which costs
-    two 2D resizes instead of an 8-corner ``gather_nd``. Sample positions follow the
-    half-pixel-centre convention: output index ``o`` reads input coordinate
-    ``(o + 0.5) * in / out - 0.5``, clamped at the edges (``scipy.ndimage.map_coordinates``
-    with ``mode="nearest"`` is the reference).
+    If ``max(spacing) / min(spacing) > threshold`` for the current spacing (else for the
+    target spacing), the axis of largest spacing, provided exactly one axis has it.
+    """
+    spacing = tf.cast(spacing, tf.float64)
+    target = tf.constant(target_spacing, tf.float64)
+
+    def coarse(s):
+        is_max = tf.equal(s, tf.reduce_max(s))
+        single = tf.equal(tf.reduce_sum(tf.cast(is_max, tf.int32)), 1)
+        axis = tf.cast(tf.argmax(tf.cast(is_max, tf.int32)), tf.int32)
+        return tf.where(single, axis, -1)
+
+    def anisotropic(s):
+        return tf.reduce_max(s) / tf.reduce_min(s) > threshold
+
+    return tf.where(
+        anisotropic(spacing), coarse(spacing), tf.where(anisotropic(target), coarse(target), -1)
+    )
+
+
+def resample(volume: tf.Tensor, new_shape, method: str = "linear", nearest_axis=None):
+    """Resample a ``(*spatial, C)`` volume to spatial shape ``new_shape``.
+
+    Separable: one 1D interpolation per axis, each two ``tf.gather`` along that axis.
+    Sample positions follow the half-pixel-centre convention: output index ``o`` reads
+    input coordinate ``(o + 0.5) * in / out - 0.5``, clamped at the edges
+    (``scipy.ndimage.map_coordinates`` with ``mode="nearest"`` is the reference).
 
     Parameters
     ----------
     volume : tf.Tensor
-        ``(D, H, W, C)`` float volume.
-    new_shape : sequence of 3 ints or int tensor
+        ``(*spatial, C)`` float volume, 2 or 3 spatial axes.
+    new_shape : sequence of ints or int tensor
         Output spatial shape.
     method : {"linear", "nearest"}
-        "nearest" for label maps (cast them to float first, or use :func:`resample_labels`).
+        "nearest" for label maps (or use :func:`resample_labels`).
+    nearest_axis : int or scalar int tensor, optional
+        With "linear", an axis resampled by nearest neighbour instead (-1: none); see
+        :func:`anisotropic_axis`.
     """
-    tf_method = {"linear": "bilinear", "nearest": "nearest"}.get(method)
-    if tf_method is None:
+    if method not in ("linear", "nearest"):
         raise ValueError(f"unknown resampling method {method!r}; use 'linear' or 'nearest'")
-    new_shape = tf.cast(new_shape, tf.int32)
-    out = tf.image.resize(volume, new_shape[1:3], method=tf_method)  # (D, h, w, C)
-    out = tf.transpose(out, [1, 0, 2, 3])  # (h, D, w, C)
-    out = tf.image.resize(out, tf.stack([new_shape[0], new_shape[2]]), method=tf_method)
-    return tf.transpose(out, [1, 0, 2, 3])
+    ndim = volume.shape.rank - 1
+    if method == "nearest":
+        return resize(volume, new_shape, nearest=True)
+    if nearest_axis is None:
+        return resize(volume, new_shape, nearest=False)
+    nearest = tf.equal(tf.range(ndim), tf.cast(nearest_axis, tf.int32))
+    return resize(volume, new_shape, nearest=nearest)
 
 
 def resample_labels(label: tf.Tensor, new_shape) -> tf.Tensor:
-    """Nearest-neighbour resampling of a ``(D, H, W)`` integer label map."""
-    out = resample(tf.cast(label, tf.float32)[..., None], new_shape, method="nearest")
-    return tf.cast(out[..., 0], label.dtype)
+    """Nearest-neighbour resampling of a ``(*spatial)`` integer label map (dtype kept)."""
+    new_shape = tf.cast(new_shape, tf.int32)
+    out = label
+    for axis in range(label.shape.rank):
+        out = resize_axis(out, axis, new_shape[axis], nearest=True)
+    return out
+
+
+# -- intensities ---------------------------------------------------------------------------
+
+
+def _spatial_axes(image) -> list[int]:
+    return list(range(image.shape.rank - 1))
 
 
 def normalize(image: tf.Tensor, plan: PreprocessPlan) -> tf.Tensor:
-    """Clip and z-score ``image`` as ``plan`` says (per-image statistics if it has none)."""
+    """Clip and normalize a ``(*spatial, C)`` image as ``plan`` says, per channel.
+
+    ``zscore``: ``(x - mean) / std`` with the plan's statistics, or the image's own (per
+    channel) if the plan has none; ``minmax``: ``(x - min) / (max - min)`` per image and
+    channel; ``none``: clipping only.
+    """
     image = tf.cast(image, tf.float32)
     if plan.clip is not None:
-        image = tf.clip_by_value(image, plan.clip[0], plan.clip[1])
+        image = tf.clip_by_value(
+            image, tf.constant(plan.clip[0], tf.float32), tf.constant(plan.clip[1], tf.float32)
+        )
+    axes = _spatial_axes(image)
+    if plan.normalize == "none":
+        return image
+    if plan.normalize == "minmax":
+        low, high = tf.reduce_min(image, axes), tf.reduce_max(image, axes)
+        return (image - low) / tf.maximum(high - low, 1e-8)
+    if plan.normalize != "zscore":
+        raise ValueError(f"plan.normalize={plan.normalize!r}: use 'zscore', 'minmax' or 'none'")
     if plan.mean is not None:
-        return (image - plan.mean) / max(plan.std, 1e-8)
-    mean = tf.reduce_mean(image)
-    std = tf.math.reduce_std(image)
+        std = np.maximum(np.asarray(plan.std, np.float32), 1e-8)
+        return (image - tf.constant(plan.mean, tf.float32)) / tf.constant(std)
+    mean = tf.reduce_mean(image, axes)
+    std = tf.math.reduce_std(image, axes)
     return (image - mean) / tf.maximum(std, 1e-8)
 
 
-def preprocess_case(image, label, spacing, plan: PreprocessPlan):
-    """Resample, clip and normalize one case.
+# -- cropping, padding, one-hot ------------------------------------------------------------
+
+
+def nonzero_box(image: tf.Tensor, threshold: float | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+    """Bounding box ``(start, stop)`` of the voxels where any channel is non-zero.
+
+    With ``threshold``, of the voxels where any channel is above it (a body mask for CT,
+    whose background is negative). An image without such voxels gives the whole image.
 
     Parameters
     ----------
     image : tf.Tensor
-        ``(D, H, W)`` or ``(D, H, W, C)`` intensities.
+        ``(*spatial, C)``.
+
+    Returns
+    -------
+    start, stop : tf.Tensor
+        ``(ndim,)`` int32, ``stop`` exclusive.
+    """
+    inside = tf.not_equal(image, 0) if threshold is None else image > threshold
+    mask = tf.reduce_any(inside, axis=-1)
+    ndim = mask.shape.rank
+    starts, stops = [], []
+    for axis in range(ndim):
+        line = tf.reduce_any(mask, axis=[a for a in range(ndim) if a != axis])
+        where = tf.cast(tf.where(line)[:, 0], tf.int32)
+        size = tf.shape(mask)[axis]
+        empty = tf.equal(tf.size(where), 0)
+        starts.append(tf.where(empty, 0, tf.reduce_min(tf.concat([where, [size]], 0))))
+        stops.append(tf.where(empty, size, tf.reduce_max(tf.concat([where, [-1]], 0)) + 1))
+    return tf.stack(starts), tf.stack(stops)
+
+
+def crop_to_box(x: tf.Tensor, start, stop) -> tf.Tensor:
+    """``x[start[0]:stop[0], ..., start[n-1]:stop[n-1]]``; trailing axes kept whole."""
+    start = tf.cast(start, tf.int32)
+    extra = x.shape.rank - start.shape[0]
+    begin = tf.concat([start, tf.zeros([extra], tf.int32)], 0)
+    size = tf.concat([tf.cast(stop, tf.int32) - start, -tf.ones([extra], tf.int32)], 0)
+    return tf.slice(x, begin, size)
+
+
+def pad_to_shape(x: tf.Tensor, min_shape, value=0) -> tf.Tensor:
+    """Pad the leading ``len(min_shape)`` axes of ``x`` with ``value`` to at least ``min_shape``.
+
+    The padding is split evenly (the extra voxel after), as nnU-Net's; axes already as
+    large are left alone.
+    """
+    min_shape = tf.cast(min_shape, tf.int32)
+    n = min_shape.shape[0]
+    missing = tf.maximum(min_shape - tf.shape(x)[:n], 0)
+    before = missing // 2
+    pads = tf.stack([before, missing - before], axis=1)
+    pads = tf.concat([pads, tf.zeros([x.shape.rank - n, 2], tf.int32)], 0)
+    return tf.pad(x, pads, constant_values=tf.cast(value, x.dtype))
+
+
+def one_hot(label: tf.Tensor, num_classes: int) -> tf.Tensor:
+    """``(*spatial)`` integer labels → ``(*spatial, num_classes)`` float32 one-hot."""
+    return tf.one_hot(tf.cast(label, tf.int32), num_classes, dtype=tf.float32)
+
+
+# -- one case ------------------------------------------------------------------------------
+
+
+def preprocess_case(image, label, spacing, plan: PreprocessPlan, min_shape=None, return_box=False):
+    """Crop, clip, normalize, resample and pad one case.
+
+    Parameters
+    ----------
+    image : tf.Tensor
+        ``(*spatial)`` or ``(*spatial, C)`` intensities; the spatial rank is the length of
+        ``spacing`` (3 unless given statically otherwise).
     label : tf.Tensor or None
-        ``(D, H, W)`` label map, or None for an unlabelled image.
+        ``(*spatial)`` label map, or None for an unlabelled image.
     spacing : tf.Tensor
-        ``(3,)`` voxel spacing in array-axis order.
+        ``(ndim,)`` voxel spacing in array-axis order.
+    plan : PreprocessPlan
+    min_shape : sequence of ints, optional
+        Pad (image with 0, label with 0) to at least this spatial shape, e.g. the patch size.
+    return_box : bool
+        Also return the crop box ``(start, stop)`` in the input grid (the whole image when
+        the plan does not crop), to put predictions back in place.
 
     Returns
     -------
     image : tf.Tensor
-        ``(d, h, w, C)`` float32.
+        ``(*spatial', C)`` float32.
     label : tf.Tensor or None
-        ``(d, h, w)`` int32.
+        ``(*spatial')`` int32.
+    box : tuple of tf.Tensor
+        Only with ``return_box``.
     """
+    spacing = tf.convert_to_tensor(spacing)
+    ndim = spacing.shape[0] if spacing.shape.rank == 1 and spacing.shape[0] else 3
     image = tf.cast(image, tf.float32)
-    if image.shape.rank == 3:
+    if image.shape.rank == ndim:
         image = image[..., None]
-    image = normalize(image, plan)
     if label is not None:
         label = tf.cast(label, tf.int32)
+    if plan.crop_to_nonzero:
+        start, stop = nonzero_box(image, plan.crop_threshold)
+        image = crop_to_box(image, start, stop)
+        if label is not None:
+            label = crop_to_box(label, start, stop)
+    else:
+        start, stop = tf.zeros([ndim], tf.int32), tf.shape(image)[:ndim]
+    image = normalize(image, plan)
     if plan.target_spacing is not None:
-        new_shape = resampled_shape(tf.shape(image)[:3], spacing, plan.target_spacing)
-        image = resample(image, new_shape, "linear")
+        if len(plan.target_spacing) != ndim:
+            raise ValueError(
+                f"plan.target_spacing={list(plan.target_spacing)} has {len(plan.target_spacing)}"
+                f" axes, the image {ndim}"
+            )
+        new_shape = resampled_shape(tf.shape(image)[:ndim], spacing, plan.target_spacing)
+        axis = anisotropic_axis(spacing, plan.target_spacing, plan.anisotropy_threshold)
+        image = resample(image, new_shape, "linear", nearest_axis=axis)
         if label is not None:
             label = resample_labels(label, new_shape)
+    if min_shape is not None:
+        image = pad_to_shape(image, min_shape)
+        if label is not None:
+            label = pad_to_shape(label, min_shape)
+    if return_box:
+        return image, label, (start, stop)
     return image, label

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import papermill
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
@@ -92,3 +95,42 @@ def run_notebook(
     if client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id)  # a notebook that never opened the run
     return output, run_id
+
+
+@contextmanager
+def notebook_run(
+    run_id: str | None, tracking_uri: str, experiment: str = "medseg", run_name: str | None = None
+) -> Iterator[mlflow.ActiveRun]:
+    """The MLflow run a notebook logs into, active inside the ``with`` block.
+
+    Under ``medseg run`` that is the run the runner opened (``run_id``; the runner then logs
+    the executed notebook into it); a notebook run by hand gets a new run of ``experiment``.
+    """
+    experiment_id = configure(TrackingConfig(tracking_uri=tracking_uri, experiment=experiment))
+    start = {"run_id": run_id} if run_id else {"experiment_id": experiment_id, "run_name": run_name}
+    with mlflow.start_run(**start) as run:
+        yield run
+
+
+def newest_model_uri(tracking_uri: str, experiment: str = "medseg") -> str:
+    """``runs:/<run id>/model`` of the newest model logged in ``experiment``.
+
+    Raises
+    ------
+    ValueError
+        If the experiment holds no logged model.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    found = MlflowClient(uri).get_experiment_by_name(experiment)
+    models = []
+    if found is not None:
+        models = mlflow.search_logged_models(
+            experiment_ids=[found.experiment_id],
+            order_by=[{"field_name": "creation_time", "ascending": False}],
+            max_results=1,
+            output_format="list",
+        )
+    if not models or not models[0].source_run_id:
+        raise ValueError(f"experiment {experiment!r} in {uri} has no logged model; train one first")
+    return f"runs:/{models[0].source_run_id}/{models[0].name}"

@@ -20,10 +20,22 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
 from medseg.config import Config
-from medseg.evaluation.visuals import plot_learning_curves, write_overlay_gif
+from medseg.evaluation.visuals import (
+    plot_learning_curves,
+    plot_metric_boxplots,
+    write_overlay_gif,
+    write_slice_montage,
+)
 from medseg.experiment import ExperimentResult, run_experiment
+from medseg.inference import PredictionPlan
 from medseg.tracking.store import configure
-from medseg.training import describe_devices
+from medseg.training import (
+    describe_devices,
+    describe_strategy,
+    is_chief,
+    make_strategy,
+    precision_policy,
+)
 
 PACKAGES = ("medseg", "tensorflow", "keras", "tensorflow-datasets", "numpy", "mlflow")
 
@@ -133,7 +145,9 @@ def log_result(result: ExperimentResult, log_model: bool = True) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "config.json").write_text(result.config.to_json())
-        (tmp / "plan.json").write_text(json.dumps(setup.plan.to_dict(), indent=2))
+        # everything prediction needs besides the model (medseg predict --model runs:/...)
+        plan = PredictionPlan.from_config(result.config, setup.plan, setup.class_names)
+        (tmp / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
         (tmp / "fingerprint.json").write_text(json.dumps(setup.fingerprint, indent=2))
         (tmp / "split.json").write_text(
             json.dumps({"train": setup.train_ids, "validation": setup.val_ids}, indent=2)
@@ -157,46 +171,63 @@ def log_result(result: ExperimentResult, log_model: bool = True) -> None:
         mlflow.log_artifact(str(tmp / "history.tsv"), "training")
         mlflow.log_artifact(str(tmp / "validation_cases.tsv"), "evaluation")
         mlflow.log_artifact(str(tmp / "validation_summary.json"), "evaluation")
+        if result.cases:
+            plot_metric_boxplots([c.scores for c in result.cases], tmp / "metrics_boxplot.png")
+            mlflow.log_artifact(str(tmp / "metrics_boxplot.png"), "plots")
         if epochs:
             plot_learning_curves(history, tmp / "learning_curve.png")
             mlflow.log_artifact(str(tmp / "learning_curve.png"), "plots")
         if result.example is not None:
             ex = result.example
+            view = {
+                "axis": result.config.evaluation.overlay_axis,
+                "spacing": ex["spacing"],
+                "window": display_window(setup.plan),
+            }
             gif = tmp / f"overlay_{ex['case_id']}.gif"
-            write_overlay_gif(
-                gif,
-                ex["image"],
-                ex["truth"],
-                ex["pred"],
-                axis=0,
-                spacing=ex["spacing"],
-                window=display_window(setup.plan),
-            )
+            write_overlay_gif(gif, ex["image"], ex["truth"], ex["pred"], **view)
+            montage = tmp / f"montage_{ex['case_id']}.png"
+            write_slice_montage(montage, ex["image"], ex["truth"], ex["pred"], **view)
             mlflow.log_artifact(str(gif), "plots")
+            mlflow.log_artifact(str(montage), "plots")
 
     if log_model:
         # the inference graph only: no optimizer and no medseg loss, so the logged model
         # loads wherever TensorFlow and Keras do, without medseg installed
+        # (the full-resolution output only, with deep supervision)
         model = result.model
-        inference = keras.Model(model.inputs, model.outputs, name=model.name)
+        inference = keras.Model(model.inputs, model.outputs[0], name=model.name)
         mlflow.keras.log_model(
             inference,
             name="model",
-            signature=model_signature(int(model.input_shape[-1]), int(model.output_shape[-1])),
+            signature=model_signature(
+                int(inference.input_shape[-1]), int(inference.output_shape[-1])
+            ),
             pip_requirements=[
                 f"tensorflow=={metadata.version('tensorflow')}",
                 f"keras=={keras.__version__}",
             ],
+            registered_model_name=result.config.tracking.register_model,
         )
 
 
 def run_training(
-    config: Config, run_id: str | None = None, extra_tags: dict[str, str] | None = None
-) -> tuple[ExperimentResult, str]:
+    config: Config,
+    run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    callbacks: list[keras.callbacks.Callback] | tuple = (),
+) -> tuple[ExperimentResult, str | None]:
     """Run one experiment inside an MLflow run (a new one, or ``run_id`` if given).
 
-    Returns the experiment's result and the run id.
+    ``callbacks`` are Keras callbacks called after the one logging epoch metrics to MLflow
+    (e.g. Optuna's pruning). Returns the experiment's result and the run id.
+
+    In a multi-worker run (``TF_CONFIG``) every worker trains, but only rank 0 opens an
+    MLflow run and logs; the others return ``(result, None)``.
     """
+    strategy = make_strategy(config.train.strategy)  # before any TF op (multi-worker)
+    if not is_chief():
+        return run_experiment(config, callbacks=list(callbacks)), None
     experiment_id = configure(config.tracking)
     start = {"run_id": run_id} if run_id else {
         "experiment_id": experiment_id,
@@ -210,12 +241,15 @@ def run_training(
         tags = {
             "medseg.devices": ", ".join(describe_devices()),
             "medseg.seed": str(config.seed),
+            "medseg.deterministic": str(config.train.deterministic).lower(),
+            "medseg.precision": precision_policy(config.train),
+            **{f"medseg.{k}": v for k, v in describe_strategy(strategy).items()},
             **git_state(),
             **{f"version.{k}": v for k, v in package_versions().items()},
             **(extra_tags or {}),
         }
         mlflow.set_tags(tags)
-        result = run_experiment(config, callbacks=[MlflowMetrics()])
+        result = run_experiment(config, callbacks=[MlflowMetrics(), *callbacks])
         setup = result.data
         mlflow.set_tags(
             {

@@ -1,43 +1,99 @@
-"""Compiling and fitting a model under a ``tf.distribute`` strategy."""
+"""Building a compiled model under a strategy, and training it with checkpoints and resume.
+
+:func:`fit` runs the custom ``strategy.run`` loop of :mod:`medseg.training.loop` (any
+strategy, MultiWorkerMirroredStrategy included) or Keras ``fit``; both take the same Keras
+callbacks, report the same metrics and return the same history dict.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
 
-from medseg.config import ModelConfig, TrainConfig
-from medseg.models import DiceCrossEntropyLoss, build_model, class_dice_metrics
+from medseg import models
+from medseg.config import LossConfig, ModelConfig, TrainConfig
+from medseg.training.checkpoint import (
+    EpochCheckpoint,
+    latest_checkpoint,
+    restore_callback_state,
+    restore_checkpoint,
+)
+from medseg.training.loop import custom_fit
+from medseg.training.optimization import make_optimizer, training_callbacks
 
-OPTIMIZERS = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
-
-
-def make_learning_rate(config: TrainConfig):
-    """The learning rate or schedule ``config`` asks for (schedules step per batch)."""
-    if config.lr_schedule == "constant":
-        return config.learning_rate
-    if config.lr_schedule == "poly":
-        return keras.optimizers.schedules.PolynomialDecay(
-            config.learning_rate,
-            decay_steps=max(config.epochs * config.steps_per_epoch, 1),
-            end_learning_rate=0.0,
-            power=0.9,
-        )
-    raise ValueError(f"train.lr_schedule={config.lr_schedule!r}: use 'poly' or 'constant'")
+PRECISIONS = ("auto", "float32", "mixed_float16")
+LOOPS = ("custom", "fit")
 
 
-def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
-    try:
-        optimizer = OPTIMIZERS[config.optimizer]
-    except KeyError:
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, NumPy, TensorFlow and Keras; on CPU also make TF's ops deterministic.
+
+    Op determinism is switched on only where there is no GPU: on this project's CPU its cost
+    is below the noise of step times (``benchmarks/train_step.py --nondeterministic``),
+    while on a GPU some kernels lack a deterministic version (they would raise
+    ``UnimplementedError``) and others are slower. The ``tf.data`` pipelines draw
+    stateless random numbers from (seed, index), so they stay parallel under it.
+    """
+    keras.utils.set_random_seed(seed)
+    if deterministic and not tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.enable_op_determinism()
+
+
+def precision_policy(config: TrainConfig) -> str:
+    """The Keras dtype policy: mixed_float16 only on a GPU unless asked for explicitly."""
+    if config.precision not in PRECISIONS:
         raise ValueError(
-            f"train.optimizer={config.optimizer!r}: use one of {', '.join(OPTIMIZERS)}"
-        ) from None
-    learning_rate = make_learning_rate(config)
-    if config.optimizer == "sgd":
-        return optimizer(learning_rate=learning_rate, momentum=0.99, nesterov=True)
-    return optimizer(learning_rate=learning_rate)
+            f"train.precision={config.precision!r}: use one of {', '.join(PRECISIONS)}"
+        )
+    if config.precision == "auto":
+        return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+    return config.precision
+
+
+@contextlib.contextmanager
+def _dtype_policy(name: str):
+    """Layers built inside take policy ``name``; the global policy is restored after."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _build_network(model_config, num_classes, in_channels, ndim) -> keras.Model:
+    if hasattr(models, "model_from_config"):
+        return models.model_from_config(model_config, num_classes, in_channels, ndim)
+    return models.build_model(
+        model_config.name,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        ndim=ndim,
+        depth=model_config.depth,
+        filters=model_config.filters,
+        normalization=model_config.normalization,
+        dropout=model_config.dropout,
+    )
+
+
+def _loss(loss_config: LossConfig | None, num_classes: int) -> keras.losses.Loss:
+    factory = getattr(models, "loss_from_config", None) or getattr(
+        models.losses, "loss_from_config", None
+    )
+    if loss_config is None or factory is None:
+        return models.DiceCrossEntropyLoss()
+    return factory(loss_config, num_classes)
+
+
+def _metrics(class_names: Sequence[str], regions: dict | None) -> list:
+    factory = getattr(models, "metrics_from_config", None)
+    if factory is None:
+        return models.class_dice_metrics(list(class_names))
+    return factory(list(class_names), regions or {})
 
 
 def build_compiled_model(
@@ -46,24 +102,32 @@ def build_compiled_model(
     class_names: Sequence[str],
     in_channels: int,
     strategy: tf.distribute.Strategy,
+    loss_config: LossConfig | None = None,
+    regions: dict[str, list[int]] | None = None,
+    ndim: int = 3,
 ) -> keras.Model:
-    """Build and compile the model inside ``strategy``'s scope (variables get mirrored)."""
-    with strategy.scope():
-        model = build_model(
-            model_config.name,
-            num_classes=len(class_names),
-            in_channels=in_channels,
-            ndim=3,
-            depth=model_config.depth,
-            filters=model_config.filters,
-            normalization=model_config.normalization,
-            dropout=model_config.dropout,
-        )
-        model.compile(
-            optimizer=make_optimizer(train_config),
-            loss=DiceCrossEntropyLoss(),
-            metrics=class_dice_metrics(list(class_names)),
-        )
+    """Build and compile the model inside ``strategy``'s scope (variables get mirrored).
+
+    The loss is ``loss_config``'s (Dice + cross-entropy without one); with deep
+    supervision every output gets it, weighted as nnU-Net does, and the metrics (per-class
+    Dice, and region metrics where available) watch the full-resolution output only. Under
+    the mixed_float16 policy Keras wraps the optimizer in a ``LossScaleOptimizer``.
+    """
+    num_classes = len(class_names)
+    with strategy.scope(), _dtype_policy(precision_policy(train_config)):
+        model = _build_network(model_config, num_classes, in_channels, ndim)
+        loss = _loss(loss_config, num_classes)
+        metrics = _metrics(class_names, regions)
+        n_outputs = len(model.outputs)
+        if n_outputs > 1:
+            model.compile(
+                optimizer=make_optimizer(train_config),
+                loss=[loss] * n_outputs,
+                loss_weights=models.deep_supervision_weights(n_outputs),
+                metrics=[metrics] + [[] for _ in range(n_outputs - 1)],
+            )
+        else:
+            model.compile(optimizer=make_optimizer(train_config), loss=loss, metrics=metrics)
     return model
 
 
@@ -74,21 +138,133 @@ def fit(
     config: TrainConfig,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int = 2,
+    checkpoint_dir: str | None = None,
+    train_start_step: int = 0,
 ) -> dict[str, list[float]]:
     """Train ``model`` for ``config.epochs`` × ``config.steps_per_epoch`` steps.
+
+    Parameters
+    ----------
+    model : keras.Model
+        Compiled by :func:`build_compiled_model` under the strategy to train with.
+    train : tf.data.Dataset
+        Endless training batches, starting at global step ``train_start_step`` (build it
+        with ``start_step=`` :func:`resume_step` to resume without reading skipped batches;
+        otherwise it is skipped forward to the checkpoint's step).
+    validation : tf.data.Dataset, optional
+        Finite validation batches, evaluated after every epoch (``val_`` logs).
+    config : TrainConfig
+        Epochs, loop, stopping, clipping.
+    callbacks : sequence of keras.callbacks.Callback
+        Called by either loop, as Keras ``fit`` calls them.
+    checkpoint_dir : str, optional
+        Overrides ``config.checkpoint_dir``: where a checkpoint is written after every
+        epoch and from whose latest checkpoint training resumes.
 
     Returns
     -------
     dict
-        The Keras history: metric name → one value per epoch.
+        Metric name → one value per epoch, the epochs before a resume included.
     """
-    history = model.fit(
-        train,
-        epochs=config.epochs,
-        steps_per_epoch=config.steps_per_epoch,
-        validation_data=validation,
-        callbacks=list(callbacks),
-        shuffle=False,  # the tf.data pipeline shuffles, seeded
-        verbose=verbose,
+    if config.loop not in LOOPS:
+        raise ValueError(f"train.loop={config.loop!r}: use one of {', '.join(LOOPS)}")
+    strategy = model.distribute_strategy
+    if config.loop == "fit" and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        raise ValueError(
+            "train.loop='fit' cannot train under MultiWorkerMirroredStrategy (Keras 3's fit "
+            "fails there, keras-team/keras#20585): use train.loop='custom'"
+        )
+    directory = checkpoint_dir or config.checkpoint_dir
+    controls = training_callbacks(config, validation is not None)
+    initial_epoch, history, restored = 0, {}, {}
+    latest = latest_checkpoint(directory)
+    if latest is not None:
+        state = restore_checkpoint(latest, model)
+        _check_resumable(state, config, latest)
+        initial_epoch, history = int(state["epoch"]), state["history"]
+        restored = restore_callback_state(state)
+    checkpoint = EpochCheckpoint(
+        directory, history, controls, restored, {"steps_per_epoch": config.steps_per_epoch}
     )
-    return {k: [float(v) for v in values] for k, values in history.history.items()}
+    every = [*controls, *callbacks, checkpoint]
+    if len(model.outputs) > 1:
+        every.insert(0, FullResolutionNames(model.output_names[0]))
+    if initial_epoch >= config.epochs or _stopped(restored):
+        return history
+    skip = initial_epoch * config.steps_per_epoch - train_start_step
+    if skip < 0:
+        raise ValueError(
+            f"the training data starts at step {train_start_step}, after the step the "
+            f"checkpoint in {directory} resumes from ({initial_epoch * config.steps_per_epoch})"
+        )
+    dataset = train.skip(skip) if skip else train
+    if config.loop == "fit":
+        model.fit(
+            dataset,
+            epochs=config.epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=config.steps_per_epoch,
+            validation_data=validation,
+            callbacks=every,
+            shuffle=False,  # the tf.data pipeline shuffles, seeded
+            verbose=verbose,
+        )
+    else:
+        custom_fit(
+            model,
+            dataset,
+            validation,
+            epochs=config.epochs,
+            steps_per_epoch=config.steps_per_epoch,
+            initial_epoch=initial_epoch,
+            callbacks=every,
+            clip_norm=config.clip_norm,
+            verbose=verbose,
+        )
+    return checkpoint.history
+
+
+class FullResolutionNames(keras.callbacks.Callback):
+    """Log the full-resolution output's metrics under the names a single-output model uses.
+
+    Keras prefixes the metrics of a multi-output (deep-supervised) model with the output
+    name (``probabilities_dice_kidney``); renaming them in place, before any other callback
+    reads the logs, keeps monitors, MLflow metric names and pruning keys the same with and
+    without deep supervision. Per-output losses keep their names.
+    """
+
+    def __init__(self, output_name: str):
+        super().__init__()
+        self.prefix = f"{output_name}_"
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not logs:
+            return
+        for key in list(logs):
+            bare = key.removeprefix("val_")
+            if bare.startswith(self.prefix) and not bare.endswith("_loss"):
+                new = key.replace(self.prefix, "", 1)
+                logs[new] = logs.pop(key)
+
+
+def resume_step(config: TrainConfig, checkpoint_dir: str | None = None) -> int:
+    """The global step a run resumes from: its latest checkpoint's epochs × steps (or 0)."""
+    latest = latest_checkpoint(checkpoint_dir or config.checkpoint_dir)
+    if latest is None:
+        return 0
+    state = json.loads((latest / "state.json").read_text())
+    return int(state["epoch"]) * config.steps_per_epoch
+
+
+def _stopped(restored: dict) -> bool:
+    """Whether early stopping had already ended the checkpointed run."""
+    return any(int(s.get("stopped_epoch", 0) or 0) > 0 for s in restored.values())
+
+
+def _check_resumable(state: dict, config: TrainConfig, path) -> None:
+    saved = state.get("steps_per_epoch")
+    if saved is not None and saved != config.steps_per_epoch:
+        raise ValueError(
+            f"checkpoint {path} was written with train.steps_per_epoch={saved}, this run has "
+            f"{config.steps_per_epoch}: resume with the same value or another checkpoint_dir"
+        )

@@ -1,0 +1,193 @@
+"""Evaluation by protocol: one model per fold, scored on its held-out cases, then pooled.
+
+The core of ``medseg evaluate``, free of tracking: :mod:`medseg.tracking.evaluation` wraps
+each fold in a nested MLflow run. The phases are those of :mod:`medseg.experiment`
+(``prepare_data`` once, then ``train_model`` and ``evaluate_cases`` per fold); the pooled
+per-case scores give the summary and the postprocessing decision (nnU-Net's rule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from medseg.config import Config
+from medseg.evaluation.metrics import summarize
+from medseg.evaluation.protocols import (
+    PROTOCOLS,
+    Fold,
+    explicit_split,
+    holdout_split,
+    load_or_create_splits,
+    percentage_split,
+)
+from medseg.experiment import (
+    CaseResult,
+    DataSetup,
+    ExperimentResult,
+    evaluate_cases,
+    prepare_data,
+    train_model,
+)
+from medseg.inference.postprocess import decide_postprocessing
+from medseg.pipeline import read_case_ids
+from medseg.training import make_strategy
+
+__all__ = [
+    "CrossValidationResult",
+    "combine_folds",
+    "make_folds",
+    "run_cross_validation",
+    "run_fold",
+    "splits_path",
+]
+
+
+@dataclass
+class CrossValidationResult:
+    """Every fold's result and their pooled evaluation."""
+
+    config: Config
+    data: DataSetup
+    folds: list[Fold]
+    results: list[ExperimentResult]
+    # (fold name, case) for every tested case, in fold order
+    cases: list[tuple[str, CaseResult]]
+    summary: dict[str, dict[str, float]]
+    postprocessing: dict[str, Any] | None = None
+    splits_file: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def models(self) -> list[keras.Model]:
+        """The fold models, for an ensemble prediction (``predict_case(models, ...)``)."""
+        return [r.model for r in self.results]
+
+
+def splits_path(config: Config, setup: DataSetup) -> Path:
+    """Where the k-fold / LOO splits live: ``evaluation.splits_file``, or by default beside
+    the dataset's records, one file per split, protocol, fold count and seed."""
+    evaluation = config.evaluation
+    if evaluation.splits_file:
+        return Path(evaluation.splits_file)
+    k = "n" if evaluation.protocol == "loo" else str(evaluation.folds)
+    name = f"{config.data.split}_{evaluation.protocol}{k}_seed{config.seed}.json"
+    return Path(str(setup.builder.data_dir)) / "splits" / name
+
+
+def make_folds(config: Config, setup: DataSetup) -> tuple[list[Fold], Path | None]:
+    """The folds of ``config.evaluation.protocol`` and, for k-fold/LOO, their splits file."""
+    evaluation = config.evaluation
+    protocol = evaluation.protocol
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"evaluation.protocol={protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    ids = setup.train_ids + setup.val_ids
+    if protocol == "split":
+        return percentage_split(ids, config.data.validation_fraction, config.seed), None
+    if protocol in ("kfold", "loo"):
+        path = splits_path(config, setup)
+        return load_or_create_splits(path, ids, protocol, evaluation.folds, config.seed), path
+    if protocol == "holdout":
+        test_split = evaluation.test_split
+        if test_split == config.data.split:
+            raise ValueError(
+                f"evaluation.test_split={test_split!r} is the training split (data.split)"
+            )
+        available = list(setup.builder.info.splits.keys())
+        if test_split not in available:
+            raise ValueError(
+                f"evaluation.test_split={test_split!r}: dataset {setup.dataset_name} has splits "
+                f"{available}"
+            )
+        test_ids = read_case_ids(setup.builder, test_split)
+        return holdout_split(ids, test_ids, test_split), None
+    return explicit_split(
+        ids, evaluation.train_cases, evaluation.test_cases, config.data.split
+    ), None
+
+
+def run_fold(
+    config: Config,
+    setup: DataSetup,
+    fold: Fold,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> ExperimentResult:
+    """Train a model on the fold's training cases and score it on its test cases.
+
+    The test cases double as the per-epoch validation cases when they come from the
+    training split (as in nnU-Net's folds); a hold-out split is never looked at in training.
+    """
+    val_ids = list(fold.test_ids) if fold.test_split is None else []
+    fold_setup = dataclasses.replace(setup, train_ids=list(fold.train_ids), val_ids=val_ids)
+    timings = {}
+    t0 = time.perf_counter()
+    model, history = train_model(config, fold_setup, callbacks)
+    timings["train_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cases, example = evaluate_cases(model, config, fold_setup, fold.test_ids, fold.test_split)
+    timings["evaluate_s"] = time.perf_counter() - t0
+    return ExperimentResult(
+        config=config,
+        data=fold_setup,
+        model=model,
+        history=history,
+        cases=cases,
+        summary=summarize([c.scores for c in cases]) if cases else {},
+        example=example,
+        timings=timings,
+    )
+
+
+def combine_folds(
+    config: Config,
+    setup: DataSetup,
+    folds: Sequence[Fold],
+    results: Sequence[ExperimentResult],
+    splits_file: Path | None = None,
+) -> CrossValidationResult:
+    """Pool the folds' test cases: summary over all of them and the postprocessing decision."""
+    cases = [(f.name, c) for f, r in zip(folds, results, strict=True) for c in r.cases]
+    decision = None
+    if config.evaluation.postprocess and cases:
+        decision = decide_postprocessing(
+            [c.postprocessing for _, c in cases if c.postprocessing], setup.class_names
+        )
+    return CrossValidationResult(
+        config=config,
+        data=setup,
+        folds=list(folds),
+        results=list(results),
+        cases=cases,
+        summary=summarize([c.scores for _, c in cases]) if cases else {},
+        postprocessing=decision,
+        splits_file=splits_file,
+    )
+
+
+def run_cross_validation(
+    config: Config,
+    callbacks: Callable[[Fold], Sequence[keras.callbacks.Callback]] | None = None,
+) -> CrossValidationResult:
+    """Run every fold of the configured protocol and pool their evaluation.
+
+    Parameters
+    ----------
+    config : Config
+        ``config.evaluation`` chooses the protocol.
+    callbacks : callable, optional
+        ``callbacks(fold)`` gives the Keras callbacks of that fold's training.
+    """
+    make_strategy(config.train.strategy)  # before any TF op (multi-worker needs it)
+    t0 = time.perf_counter()
+    setup = prepare_data(config)
+    folds, path = make_folds(config, setup)
+    results = [run_fold(config, setup, f, callbacks(f) if callbacks else ()) for f in folds]
+    result = combine_folds(config, setup, folds, results, path)
+    result.timings["total_s"] = time.perf_counter() - t0
+    return result

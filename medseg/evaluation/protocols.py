@@ -1,0 +1,223 @@
+"""Evaluation protocols: which cases train and which test each model.
+
+Every protocol yields a list of `Fold`\\ s: k-fold cross-validation (seeded, saved as JSON and
+reused), leave-one-out over every case, a seeded percentage split, a hold-out split (a
+second TFDS split such as ``test``) and explicit train/test lists. Plain functions over case
+ids, free of TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medseg.io.atomic import write_atomically
+
+__all__ = [
+    "PROTOCOLS",
+    "Fold",
+    "explicit_split",
+    "holdout_split",
+    "kfold_splits",
+    "leave_one_out_splits",
+    "load_or_create_splits",
+    "percentage_split",
+]
+
+PROTOCOLS = ("split", "kfold", "loo", "holdout", "lists")
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One model's cases: trained on ``train_ids`` (of the training split), tested on
+    ``test_ids`` of ``test_split`` (``None``: the training split itself)."""
+
+    name: str
+    train_ids: list[str]
+    test_ids: list[str]
+    test_split: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "train": list(self.train_ids),
+            "test": list(self.test_ids),
+            "test_split": self.test_split,
+        }
+
+
+def _unique_sorted(case_ids: Sequence[str], what: str = "case ids") -> list[str]:
+    ids = [str(c) for c in case_ids]
+    duplicates = sorted({c for c in ids if ids.count(c) > 1})
+    if duplicates:
+        raise ValueError(f"{what} contain duplicates: {duplicates}")
+    return sorted(ids)
+
+
+def kfold_splits(case_ids: Sequence[str], k: int, seed: int) -> list[Fold]:
+    """Seeded k-fold partition: every case is tested exactly once.
+
+    Parameters
+    ----------
+    case_ids : sequence of str
+        Cases to split (order does not matter: they are sorted first).
+    k : int
+        Number of folds, ``2 <= k <= len(case_ids)``.
+    seed : int
+        Seed of the permutation; the same ids and seed always give the same folds.
+
+    Returns
+    -------
+    folds : list of Fold
+        ``fold_0 .. fold_{k-1}``; test sets differ in size by at most one (sklearn's KFold
+        sizes after a seeded shuffle), ids sorted within each set.
+    """
+    ids = _unique_sorted(case_ids)
+    if not 2 <= k <= len(ids):
+        raise ValueError(f"k-fold needs 2 <= folds <= number of cases ({len(ids)}), got {k}")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    parts = np.array_split(order, k)
+    folds = []
+    for i, part in enumerate(parts):
+        test = sorted(ids[j] for j in part)
+        held = set(test)
+        folds.append(Fold(f"fold_{i}", [c for c in ids if c not in held], test))
+    return folds
+
+
+def leave_one_out_splits(case_ids: Sequence[str]) -> list[Fold]:
+    """One fold per case, testing that case on a model trained on all the others."""
+    ids = _unique_sorted(case_ids)
+    if len(ids) < 2:
+        raise ValueError(f"leave-one-out needs at least 2 cases, got {len(ids)}")
+    return [Fold(f"loo_{c}", [d for d in ids if d != c], [c]) for c in ids]
+
+
+def percentage_split(case_ids: Sequence[str], fraction: float, seed: int) -> list[Fold]:
+    """One seeded fold holding out ``fraction`` of the cases (at least one each side)."""
+    from medseg.pipeline.dataset import split_cases  # TF-free callers never pay for tf.data
+
+    train, test = split_cases(_unique_sorted(case_ids), fraction, seed)
+    return [Fold("split", train, test)]
+
+
+def holdout_split(train_ids: Sequence[str], test_ids: Sequence[str], test_split: str) -> list[Fold]:
+    """One fold training on every case of the training split, testing on ``test_split``."""
+    if not test_ids:
+        raise ValueError(f"hold-out split {test_split!r} has no cases")
+    return [
+        Fold("holdout", _unique_sorted(train_ids), _unique_sorted(test_ids, test_split), test_split)
+    ]
+
+
+def explicit_split(
+    case_ids: Sequence[str], train: Sequence[str], test: Sequence[str], split: str = "train"
+) -> list[Fold]:
+    """One fold from explicit lists, checked against the split's cases.
+
+    Raises
+    ------
+    ValueError
+        If a list is empty, names a case not in ``case_ids`` or the lists overlap.
+    """
+    known = set(case_ids)
+    train = _unique_sorted(train, "evaluation.train_cases")
+    test = _unique_sorted(test, "evaluation.test_cases")
+    for key, ids in (("evaluation.train_cases", train), ("evaluation.test_cases", test)):
+        if not ids:
+            raise ValueError(f"{key} is empty; the 'lists' protocol needs both lists")
+        unknown = [c for c in ids if c not in known]
+        if unknown:
+            raise ValueError(f"{key} names cases not in split {split!r}: {unknown}")
+    both = sorted(set(train) & set(test))
+    if both:
+        raise ValueError(f"cases both in evaluation.train_cases and evaluation.test_cases: {both}")
+    return [Fold("lists", train, test)]
+
+
+def _folds_from_json(path: Path, data: object) -> list[Fold]:
+    try:
+        return [
+            Fold(str(f["name"]), list(f["train"]), list(f["test"]), f.get("test_split"))
+            for f in data["folds"]
+        ]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"splits file {path} is not a medseg splits file: {err!r}") from err
+
+
+def load_or_create_splits(
+    path: str | os.PathLike,
+    case_ids: Sequence[str],
+    protocol: str,
+    k: int = 5,
+    seed: int = 0,
+) -> list[Fold]:
+    """K-fold or leave-one-out folds, read from ``path`` if present, else made and saved.
+
+    A present file is authoritative (its seed only mattered when it was made), but it must
+    describe the same cases and the same protocol and number of folds.
+
+    Parameters
+    ----------
+    path : path-like
+        JSON file ``{"protocol", "folds": k, "seed", "case_ids", "folds": [...]}``.
+    case_ids : sequence of str
+        The cases of the training split now.
+    protocol : {"kfold", "loo"}
+    k : int
+        Number of folds for ``"kfold"``.
+    seed : int
+        Seed for a new k-fold split.
+
+    Raises
+    ------
+    ValueError
+        If the file lists other cases, another protocol or another number of folds.
+    """
+    path = Path(path)
+    ids = _unique_sorted(case_ids)
+    if protocol not in ("kfold", "loo"):
+        raise ValueError(f"saved splits are for 'kfold' and 'loo', not {protocol!r}")
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"splits file {path} is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"splits file {path} is not a medseg splits file")
+        saved = sorted(data.get("case_ids", []))
+        if saved != ids:
+            missing = sorted(set(ids) - set(saved))
+            extra = sorted(set(saved) - set(ids))
+            raise ValueError(
+                f"splits file {path} was made for other cases (not in the file: {missing}; "
+                f"no longer in the data: {extra}); delete it or set evaluation.splits_file"
+            )
+        expected_k = len(ids) if protocol == "loo" else k
+        if data.get("protocol") != protocol or data.get("num_folds") != expected_k:
+            raise ValueError(
+                f"splits file {path} holds {data.get('protocol')!r} with "
+                f"{data.get('num_folds')} folds, but {protocol!r} with {expected_k} folds was "
+                "asked for; delete it or set evaluation.splits_file"
+            )
+        folds = _folds_from_json(path, data)
+        tested = sorted(c for f in folds for c in f.test_ids)
+        if tested != ids:
+            raise ValueError(f"splits file {path}: its folds do not test every case exactly once")
+        return folds
+    folds = leave_one_out_splits(ids) if protocol == "loo" else kfold_splits(ids, k, seed)
+    data = {
+        "protocol": protocol,
+        "num_folds": len(folds),
+        "seed": seed,
+        "case_ids": ids,
+        "folds": [f.to_dict() for f in folds],
+    }
+    text = json.dumps(data, indent=2) + "\n"
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+    return folds

@@ -1,0 +1,117 @@
+"""What prediction needs besides the model: the training run's ``plan.json``.
+
+A saved model holds weights and layers only. Predicting new images with it also needs the
+preprocessing it was trained with, the window (training patch) size, the network's stride
+and the class names. Training writes them together as ``plan.json``: the
+:class:`~medseg.pipeline.PreprocessPlan`'s keys (so ``PreprocessPlan.from_dict`` reads the
+file as before) plus ``class_names``, ``patch_size`` and ``stride``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medseg.pipeline.preprocess import PreprocessPlan
+
+__all__ = ["PredictionPlan"]
+
+
+@dataclass(frozen=True)
+class PredictionPlan:
+    """Preprocessing, window and classes of a trained model.
+
+    Attributes
+    ----------
+    preprocess : PreprocessPlan
+        Applied to every image before the sliding window, undone afterwards.
+    class_names : tuple of str
+        Output channel names, background first.
+    patch_size : tuple of int
+        Sliding-window size: the training patch size.
+    stride : int or None
+        The network's total down-sampling factor (full-image mode pads to a multiple of
+        it); None pads small images to a whole patch instead.
+    """
+
+    preprocess: PreprocessPlan
+    class_names: tuple[str, ...]
+    patch_size: tuple[int, ...]
+    stride: int | None = None
+
+    @classmethod
+    def from_config(
+        cls, config, preprocess: PreprocessPlan, class_names: Sequence[str]
+    ) -> PredictionPlan:
+        """The plan of a model trained with ``config`` (a :class:`~medseg.config.Config`)."""
+        from medseg.models import stride
+
+        return cls(
+            preprocess=preprocess,
+            class_names=tuple(class_names),
+            patch_size=tuple(int(p) for p in config.patch.patch_size),
+            stride=stride(config.model.depth),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.preprocess.to_dict(),
+            "class_names": list(self.class_names),
+            "patch_size": list(self.patch_size),
+            "stride": self.stride,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "plan") -> PredictionPlan:
+        """Read a plan; ``where`` (e.g. the file) names it in errors.
+
+        Raises
+        ------
+        ValueError
+            Naming ``where`` and the key that is missing or malformed.
+        """
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(values).__name__}")
+        missing = [k for k in ("class_names", "patch_size") if values.get(k) is None]
+        if missing:
+            raise ValueError(
+                f"{where}: no {' or '.join(repr(k) for k in missing)}; a plan.json written by "
+                "medseg training has them (older runs: pass a plan.json that adds them)"
+            )
+        try:
+            preprocess = PreprocessPlan.from_dict(values)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{where}: not a preprocessing plan ({type(err).__name__}: {err})") from err
+        names, patch, stride = values["class_names"], values["patch_size"], values.get("stride")
+        if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{where}: 'class_names' must list at least 2 names, got {names!r}")
+        if (
+            not isinstance(patch, list)
+            or len(patch) != 3
+            or not all(isinstance(p, int) and p > 0 for p in patch)
+        ):
+            raise ValueError(f"{where}: 'patch_size' must be 3 positive integers, got {patch!r}")
+        if stride is not None and (not isinstance(stride, int) or stride < 1):
+            raise ValueError(f"{where}: 'stride' must be a positive integer, got {stride!r}")
+        return cls(preprocess, tuple(names), tuple(patch), stride)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> PredictionPlan:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"plan file {path} does not exist")
+        try:
+            values = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"plan file {path} is not valid JSON: {err}") from err
+        return cls.from_dict(values, where=f"plan file {path}")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from medseg.io.atomic import write_atomically
+
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        return write_atomically(path, lambda tmp: tmp.write_text(text))

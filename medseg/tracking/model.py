@@ -1,0 +1,109 @@
+"""Loading a trained model, and the plan it predicts with, from a file or an MLflow URI.
+
+``medseg predict --model`` takes a ``.keras`` file or an MLflow model URI (``runs:/<run
+id>/model``, ``models:/<model id>``, ``models:/<name>/<version>``). A model from MLflow
+brings its plan along: ``plan.json`` is fetched from the run that logged the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import keras
+
+from medseg.inference import PredictionPlan, load_model_file
+from medseg.inference.files import is_model_uri
+from medseg.tracking.store import resolve_tracking_uri
+
+__all__ = ["load_model", "load_plan", "source_run_id"]
+
+def _client(tracking_uri: str | None):
+    import mlflow
+
+    if tracking_uri is not None:
+        mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    return mlflow
+
+
+def load_model(model: str | os.PathLike, tracking_uri: str | None = None) -> keras.Model:
+    """Load a model from a ``.keras`` file, an MLflow model folder or an MLflow model URI.
+
+    Parameters
+    ----------
+    model : str or path
+        ``.keras`` file, a folder holding an ``MLmodel`` file, or a model URI.
+    tracking_uri : str, optional
+        MLflow tracking URI the ``runs:/`` and ``models:/`` URIs refer to.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Naming the file or URI that cannot be loaded.
+    """
+    text = str(model)
+    if not is_model_uri(text):
+        return load_model_file(text)
+    mlflow = _client(tracking_uri)
+    try:
+        return mlflow.keras.load_model(text)
+    except Exception as err:  # MlflowException, OSError, Keras errors
+        raise ValueError(f"model {text} cannot be loaded: {type(err).__name__}: {err}") from err
+
+
+def source_run_id(model_uri: str, tracking_uri: str | None = None) -> str | None:
+    """The id of the run that logged the model at ``model_uri``, if MLflow knows it."""
+    if model_uri.startswith("runs:/"):
+        return model_uri[len("runs:/") :].split("/", 1)[0] or None
+    mlflow = _client(tracking_uri)
+    try:
+        return mlflow.models.get_model_info(model_uri).run_id
+    except Exception as err:
+        raise ValueError(f"model {model_uri}: cannot read its metadata: {err}") from err
+
+
+def load_plan(model_uri: str, tracking_uri: str | None = None) -> PredictionPlan:
+    """The :class:`~medseg.inference.PredictionPlan` of a model logged by ``medseg train``.
+
+    Reads ``plan.json`` from the run that logged the model. Runs logged before plan.json
+    held the window and classes get them from the run's ``config.json`` (patch size,
+    U-Net depth) and ``fingerprint.json`` (class names).
+
+    Raises
+    ------
+    ValueError
+        When the model has no source run or the run has no usable plan; pass ``--plan``.
+    """
+    run_id = source_run_id(model_uri, tracking_uri)
+    if not run_id:
+        raise ValueError(f"model {model_uri} was not logged by a run; pass --plan plan.json")
+    mlflow = _client(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def fetch(name):
+            try:
+                path = mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=name, dst_path=tmp
+                )
+            except Exception as err:
+                raise ValueError(
+                    f"model {model_uri}: run {run_id} has no {name} artifact ({err}); "
+                    "pass --plan plan.json"
+                ) from err
+            return json.loads(Path(path).read_text())
+
+        values = fetch("plan.json")
+        if values.get("class_names") is None or values.get("patch_size") is None:
+            from medseg.models import stride
+
+            # read as a plain dict: an older config may hold keys Config no longer has
+            config = fetch("config.json")
+            values = {
+                **values,
+                "class_names": fetch("fingerprint.json")["class_names"],
+                "patch_size": list(config["patch"]["patch_size"]),
+                "stride": stride(config["model"]["depth"]),
+            }
+    return PredictionPlan.from_dict(values, where=f"plan.json of run {run_id}")

@@ -1,0 +1,401 @@
+"""Optuna studies over the medseg config, every trial a nested MLflow run.
+
+A study lives in an RDB storage (``tune.storage``: sqlite under ``mlruns/`` by default, any
+SQLAlchemy URL). Its MLflow run is created once and its id kept as the study's user
+attribute ``mlflow_run_id``; every worker, in this process or another, attaches its trials
+to that run as nested runs. Workers stop when the study holds ``tune.n_trials`` trials, so
+running ``medseg tune`` again resumes an interrupted study.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import multiprocessing
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import numpy as np
+import optuna
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from medseg.config import Config, ConfigError, TuneConfig
+from medseg.experiment import ExperimentResult
+from medseg.tracking.run import git_state, run_training
+from medseg.tracking.store import configure, resolve_tracking_uri
+from medseg.tuning.pruning import DicePruningCallback
+from medseg.tuning.space import parse_space, suggest_overrides
+
+log = logging.getLogger(__name__)
+
+STUDY_RUN_ATTR = "mlflow_run_id"
+MEAN_CASE_DICE = "val_case_dice_mean"
+# MLflow tags of a trial's run
+TAG_STUDY = "optuna.study_name"
+TAG_TRIAL = "optuna.trial_number"
+TAG_STATE = "optuna.state"
+TAG_ERROR = "optuna.error"
+_RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+@dataclass
+class TuneResult:
+    """What a finished ``tune`` call leaves behind."""
+
+    study_name: str
+    storage: str
+    study_run_id: str
+    trials: list[dict[str, Any]]  # number, state, value, params, mlflow_run_id, error
+    best_trial: int | None = None
+    best_value: float | None = None
+    best_params: dict[str, Any] = field(default_factory=dict)
+    best_config: Path | None = None  # the best trial's train config (JSON)
+
+
+def resolve_storage(url: str) -> str:
+    """A relative ``sqlite:///`` storage made absolute (one file for every process)."""
+    url = resolve_tracking_uri(url)
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    return url
+
+
+def _storage(url: str) -> optuna.storages.RDBStorage:
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        # workers write concurrently: wait for sqlite's lock rather than fail at once
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    return optuna.storages.RDBStorage(url, **kwargs)
+
+
+def _pruner(tune: TuneConfig) -> optuna.pruners.BasePruner:
+    if tune.pruner == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=tune.pruner_startup_trials, n_warmup_steps=tune.pruner_warmup_epochs
+        )
+    if tune.pruner == "none":
+        return optuna.pruners.NopPruner()
+    raise ConfigError(f"tune.pruner={tune.pruner!r}: use 'median' or 'none'")
+
+
+def open_study(config: Config, worker: int = 0) -> optuna.Study:
+    """Create or load the study ``tune.study_name`` in ``tune.storage``.
+
+    The TPE sampler is seeded with ``seed + worker``, so workers draw different trials and
+    a single worker's study repeats.
+    """
+    tune = config.tune
+    if tune.direction not in ("maximize", "minimize"):
+        raise ConfigError(f"tune.direction={tune.direction!r}: use 'maximize' or 'minimize'")
+    parse_space(tune.space)  # fail before any worker starts
+    study = optuna.create_study(
+        storage=_storage(resolve_storage(tune.storage)),
+        study_name=tune.study_name,
+        direction=tune.direction,
+        sampler=optuna.samplers.TPESampler(seed=config.seed + worker),
+        pruner=_pruner(tune),
+        load_if_exists=True,
+    )
+    if study.direction.name.lower() != tune.direction:
+        raise ConfigError(
+            f"study {tune.study_name!r} in {tune.storage} exists with direction "
+            f"{study.direction.name.lower()}, not tune.direction={tune.direction!r}"
+        )
+    return study
+
+
+def load_study(config: Config) -> optuna.Study:
+    """The existing study ``tune.study_name`` of ``tune.storage``, as stored now."""
+    return optuna.load_study(
+        study_name=config.tune.study_name, storage=_storage(resolve_storage(config.tune.storage))
+    )
+
+
+def _public_url(url: str) -> str:
+    """A storage URL without its password, fit for a tag."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def study_run(study: optuna.Study, config: Config, run_id: str | None = None) -> str:
+    """The id of the study's MLflow run, creating (or adopting ``run_id``) on first use."""
+    existing = study.user_attrs.get(STUDY_RUN_ATTR)
+    if existing:
+        return existing
+    experiment_id = configure(config.tracking)
+    client = MlflowClient(mlflow.get_tracking_uri())
+    tags = {
+        TAG_STUDY: study.study_name,
+        "optuna.storage": _public_url(resolve_storage(config.tune.storage)),
+        "optuna.direction": config.tune.direction,
+        **git_state(),
+    }
+    created = run_id is None
+    if created:
+        run_id = client.create_run(
+            experiment_id, run_name=f"study-{study.study_name}", tags=tags
+        ).info.run_id
+    else:
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+    for key, value in config.to_flat_dict().items():
+        if key.startswith(("tune.", "tracking.")) or key == "seed":
+            client.log_param(run_id, key, json.dumps(value) if isinstance(value, list) else value)
+    study.set_user_attr(STUDY_RUN_ATTR, run_id)
+    # another process may have raced us; the attribute's last writer wins, the rest adopt it
+    winner = load_study(config).user_attrs[STUDY_RUN_ATTR]
+    if winner != run_id and created:
+        client.delete_run(run_id)
+    return winner
+
+
+def objective_value(result: ExperimentResult, metrics: dict[str, float], name: str) -> float:
+    """The number a trial returns: the mean whole-case Dice over foreground classes, or a
+    metric of the trial's run.
+
+    Raises
+    ------
+    KeyError
+        If ``name`` is neither ``val_case_dice_mean`` nor a metric of the run.
+    """
+    if name == MEAN_CASE_DICE:
+        means = [
+            result.summary[f"dice_{c}"]["mean"]
+            for c in result.data.class_names[1:]
+            if f"dice_{c}" in result.summary
+        ]
+        finite = [m for m in means if math.isfinite(m)]
+        return float(np.mean(finite)) if finite else math.nan
+    if name not in metrics:
+        raise KeyError(f"tune.metric={name!r} is not a metric of the run ({', '.join(metrics)})")
+    return float(metrics[name])
+
+
+class _Objective:
+    def __init__(self, config: Config, parent_run_id: str, worker: int = 0) -> None:
+        self.config = config
+        self.worker = worker
+        self.params = parse_space(config.tune.space)
+        self.parent_run_id = parent_run_id
+        configure(config.tracking)
+        self.client = MlflowClient(mlflow.get_tracking_uri())
+        # trials nest in their study run's experiment (a notebook's run may be elsewhere)
+        self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        tune = self.config.tune
+        overrides = suggest_overrides(trial, self.params)
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{trial.study.study_name}-trial-{trial.number}",
+            tags={
+                MLFLOW_PARENT_RUN_ID: self.parent_run_id,
+                TAG_STUDY: trial.study.study_name,
+                TAG_TRIAL: str(trial.number),
+                TAG_STATE: "RUNNING",
+                "optuna.params": json.dumps(overrides),
+                "optuna.worker": f"{self.worker} (pid {os.getpid()})",
+            },
+        )
+        run_id = run.info.run_id
+        trial.set_user_attr(STUDY_RUN_ATTR, run_id)
+        state = "FAIL"
+        try:
+            config = self.config.with_overrides(overrides)
+            config.tracking.run_name = None
+            trial.set_user_attr("config", config.to_dict())
+            callbacks = []
+            if tune.pruner != "none":
+                callbacks.append(DicePruningCallback(trial, tune.prune_metric))
+            result, _ = run_training(config, run_id=run_id, callbacks=callbacks)
+            metrics = self.client.get_run(run_id).data.metrics
+            value = objective_value(result, metrics, tune.metric)
+            if tune.metric == MEAN_CASE_DICE:
+                self.client.log_metric(run_id, MEAN_CASE_DICE, value)
+            state = "COMPLETE"
+            return value
+        except optuna.TrialPruned:
+            state = "PRUNED"
+            raise
+        except Exception as err:
+            message = f"{type(err).__name__}: {err}"
+            trial.set_user_attr("error", message)
+            self.client.set_tag(run_id, TAG_ERROR, message[:4000])
+            raise
+        finally:
+            self.client.set_tag(run_id, TAG_STATE, state)
+            self.client.set_terminated(run_id, _RUN_STATUS[state])
+            keras.backend.clear_session()  # trials share the process: free the last graph
+
+
+def optimize(config: Config, worker: int = 0, study_run_id: str | None = None) -> None:
+    """Run trials of the study until it holds ``tune.n_trials`` (or ``tune.timeout`` passes).
+
+    One worker; several may run this at once, in any processes, on the same storage.
+    Failed trials are recorded (state FAIL, error in the trial's ``error`` attribute and
+    its run's ``optuna.error`` tag) and the study goes on.
+    """
+    tune = config.tune
+    study = open_study(config, worker)
+    parent = study_run(study, config, study_run_id)
+    if len(study.trials) >= tune.n_trials:
+        return
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(
+        _Objective(config, parent, worker),
+        n_trials=tune.n_trials,
+        timeout=tune.timeout,
+        catch=(Exception,),
+        callbacks=[optuna.study.MaxTrialsCallback(tune.n_trials, states=None)],
+        gc_after_trial=True,
+    )
+
+
+def _worker(config_json: str, worker: int, study_run_id: str, cwd: str) -> None:
+    os.chdir(cwd)
+    optimize(Config.from_dict(json.loads(config_json)), worker, study_run_id)
+
+
+def trial_table(study: optuna.Study) -> list[dict[str, Any]]:
+    """One row per trial: number, state, value, params, MLflow run id and error."""
+    return [
+        {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "params": t.params,
+            "mlflow_run_id": t.user_attrs.get(STUDY_RUN_ATTR),
+            "error": t.user_attrs.get("error"),
+        }
+        for t in sorted(study.trials, key=lambda t: t.number)
+    ]
+
+
+def export_best_config(study: optuna.Study, path: str | Path) -> Path:
+    """Write the best trial's config as a train config (``medseg train --config PATH``).
+
+    Raises
+    ------
+    ValueError
+        If no trial of the study completed.
+    """
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise ValueError(f"study {study.study_name!r} has no completed trial yet")
+    config = Config.from_dict(study.best_trial.user_attrs["config"])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from medseg.io.atomic import write_atomically
+
+    write_atomically(path, lambda tmp: config.save(tmp))
+    return path
+
+
+def _log_summary(client: MlflowClient, run_id: str, study: optuna.Study, best: Path | None):
+    rows = trial_table(study)
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "trials.tsv"
+        with table.open("w", newline="") as f:
+            writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+            writer.writerow(["number", "state", "value", "params", "mlflow_run_id", "error"])
+            for r in rows:
+                writer.writerow(
+                    [r["number"], r["state"], r["value"], json.dumps(r["params"]),
+                     r["mlflow_run_id"], r["error"] or ""]
+                )
+        client.log_artifact(run_id, str(table), "tuning")
+    if best is not None:
+        client.log_artifact(run_id, str(best), "tuning")
+        client.log_metric(run_id, "best_value", study.best_value)
+        client.set_tag(run_id, "optuna.best_trial", str(study.best_trial.number))
+    for state in ("COMPLETE", "PRUNED", "FAIL"):
+        client.log_metric(run_id, f"trials_{state.lower()}", sum(r["state"] == state for r in rows))
+
+
+def tune(
+    config: Config,
+    workers: int | None = None,
+    study_run_id: str | None = None,
+    best_config: str | Path | None = None,
+) -> TuneResult:
+    """Run (or resume) the study of ``config.tune`` with ``workers`` processes.
+
+    Parameters
+    ----------
+    config : Config
+        The base config; each trial overrides the keys of ``config.tune.space``.
+    workers : int, optional
+        Processes running trials at once (default ``config.tune.workers``); 1 runs them in
+        this process.
+    study_run_id : str, optional
+        An open MLflow run to use as the study's run (e.g. a notebook's), when the study
+        has none yet.
+    best_config : path, optional
+        Where the best trial's config goes (default
+        ``<artifact_root>/tuning/<study>/best_config.json``); it is also logged to the
+        study's run.
+
+    Returns
+    -------
+    TuneResult
+    """
+    workers = config.tune.workers if workers is None else workers
+    if workers < 1:
+        raise ConfigError(f"tune.workers={workers}: need at least 1")
+    study = open_study(config)
+    parent = study_run(study, config, study_run_id)
+    if workers == 1:
+        optimize(config, 0, parent)
+    else:
+        # spawn, not fork: TensorFlow's runtime does not survive a fork
+        context = multiprocessing.get_context("spawn")
+        processes = [
+            context.Process(
+                target=_worker, args=(config.to_json(), i, parent, os.getcwd()), daemon=False
+            )
+            for i in range(workers)
+        ]
+        for p in processes:
+            p.start()
+        for p in processes:
+            p.join()
+        failed = [i for i, p in enumerate(processes) if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(
+                f"tuning workers {failed} exited with codes "
+                f"{[processes[i].exitcode for i in failed]}; the study keeps their trials"
+            )
+    study = load_study(config)
+    if best_config is None:
+        best_config = Path(config.tracking.artifact_root) / "tuning" / study.study_name / (
+            "best_config.json"
+        )
+    try:
+        best_path = export_best_config(study, best_config)
+    except ValueError:
+        best_path = None
+    client = MlflowClient(mlflow.get_tracking_uri())
+    _log_summary(client, parent, study, best_path)
+    if study_run_id is None and client.get_run(parent).info.status == "RUNNING":
+        client.set_terminated(parent, RunStatus.to_string(RunStatus.FINISHED))
+    best = study.best_trial if best_path is not None else None
+    return TuneResult(
+        study_name=study.study_name,
+        storage=_public_url(resolve_storage(config.tune.storage)),
+        study_run_id=parent,
+        trials=trial_table(study),
+        best_trial=best.number if best else None,
+        best_value=best.value if best else None,
+        best_params=dict(best.params) if best else {},
+        best_config=best_path,
+    )

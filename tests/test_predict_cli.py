@@ -1,0 +1,282 @@
+"""``medseg predict`` on a saved model, NIfTI files, DICOM series and MLflow model URIs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import keras
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from medseg.cli import main
+from medseg.inference import PredictionPlan, predict_case
+from medseg.io import kits19_affine, read_dicom_series
+from medseg.models import build_unet
+from medseg.pipeline import PreprocessPlan
+
+CT5N = Path(pydicom.__file__).parent / "data/test_files/dicomdirtests/98892001/CT5N"
+CLASSES = ("background", "kidney", "tumour")
+SPACING = (2.5, 0.8, 0.8)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny untrained U-Net saved as .keras, its plan.json and two CT-like NIfTI files."""
+    root = tmp_path_factory.mktemp("predict")
+    keras.utils.set_random_seed(0)
+    model = build_unet(3, 1, depth=2, filters=4, normalization="instance")
+    model.save(root / "model.keras")
+    plan = PredictionPlan(
+        PreprocessPlan(target_spacing=(3.0, 1.5, 1.5), clip=(-200.0, 300.0), mean=50.0, std=100.0),
+        CLASSES,
+        patch_size=(8, 16, 16),
+        stride=2,
+    )
+    plan.save(root / "plan.json")
+    rng = np.random.default_rng(0)
+    (root / "cases").mkdir()
+    images = {}
+    for name, shape in (("case_a", (10, 30, 28)), ("case_b", (7, 20, 24))):
+        image = (rng.normal(0, 120, shape) + 40).astype(np.int16)
+        nib.save(nib.Nifti1Image(image, kits19_affine(SPACING)), root / "cases" / f"{name}.nii.gz")
+        images[name] = image
+    return root, model, plan, images
+
+
+def run(*args) -> int:
+    return main(["predict", *map(str, args)])
+
+
+def test_nifti_file_is_predicted_with_the_source_affine(saved, tmp_path):
+    root, model, plan, images = saved
+    source = root / "cases" / "case_a.nii.gz"
+    assert run("--model", root / "model.keras", "--plan", root / "plan.json", source,
+               "--output", tmp_path, "--probabilities") == 0
+    seg = nib.load(tmp_path / "case_a_seg.nii.gz")
+    prob = nib.load(tmp_path / "case_a_prob.nii.gz")
+    src = nib.load(source)
+    np.testing.assert_allclose(seg.affine, src.affine)
+    np.testing.assert_allclose(prob.affine, src.affine)
+    labels = np.asarray(seg.dataobj)
+    probs = np.asarray(prob.dataobj)
+    assert labels.dtype == np.uint8 and labels.shape == images["case_a"].shape
+    assert probs.dtype == np.float32 and probs.shape == (*images["case_a"].shape, 3)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    # the same as predicting the array directly with the plan
+    expected, expected_probs = predict_case(
+        model, images["case_a"], SPACING, plan.preprocess, plan.patch_size, 3, stride=2
+    )
+    np.testing.assert_allclose(probs, expected_probs, atol=1e-5)
+    np.testing.assert_array_equal(labels, expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case_a_prob.nii.gz", "case_a_seg.nii.gz"]
+
+
+def test_mirroring_and_overlap_reach_the_prediction(saved, tmp_path):
+    root, model, plan, images = saved
+    source = root / "cases" / "case_b.nii.gz"
+    assert run("--model", root / "model.keras", "--plan", root / "plan.json", source,
+               "--output", tmp_path, "--probabilities", "--mirror", "--overlap", "0.25",
+               "--weighting", "mean") == 0
+    probs = np.asarray(nib.load(tmp_path / "case_b_prob.nii.gz").dataobj)
+    _, expected = predict_case(
+        model, images["case_b"], SPACING, plan.preprocess, plan.patch_size, 3, 0.25,
+        weighting="mean", mirror_axes=(0, 1, 2), stride=2,
+    )
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    _, unmirrored = predict_case(
+        model, images["case_b"], SPACING, plan.preprocess, plan.patch_size, 3, 0.25,
+        weighting="mean", stride=2,
+    )
+    assert not np.allclose(probs, unmirrored, atol=1e-4)
+
+
+def test_dicom_series_is_predicted_with_its_affine(saved, tmp_path):
+    root, model, _, _ = saved
+    plan = PredictionPlan(
+        PreprocessPlan(target_spacing=None, clip=None, mean=0.0, std=100.0), CLASSES, (8, 8, 8), 2
+    )
+    plan.save(tmp_path / "plan.json")
+    assert run("--model", root / "model.keras", "--plan", tmp_path / "plan.json", CT5N,
+               "--output", tmp_path / "out") == 0
+    record = read_dicom_series(CT5N)
+    seg = nib.load(tmp_path / "out" / "CT5N_seg.nii.gz")
+    np.testing.assert_allclose(seg.affine, record.affine, atol=1e-4)
+    expected, _ = predict_case(model, record.image, record.spacing, plan.preprocess, (8, 8, 8), 3)
+    np.testing.assert_array_equal(np.asarray(seg.dataobj), expected)
+
+
+def test_folder_of_nifti_files_and_resuming(saved, tmp_path, capsys):
+    root, *_ = saved
+    args = ("--model", root / "model.keras", "--plan", root / "plan.json", root / "cases",
+            "--output", tmp_path)
+    assert run(*args) == 0
+    outputs = sorted(tmp_path.iterdir())
+    assert [p.name for p in outputs] == ["case_a_seg.nii.gz", "case_b_seg.nii.gz"]
+    stamps = [p.stat().st_mtime_ns for p in outputs]
+    os.utime(outputs[0], ns=(1, 1))
+    outputs[1].unlink()  # as if interrupted before the second case
+    capsys.readouterr()
+    assert run(*args) == 0
+    out = capsys.readouterr().out
+    assert "case_a: " in out and "skipped" in out and "wrote 1 file(s)" in out
+    assert outputs[0].stat().st_mtime_ns == 1  # not predicted again
+    assert outputs[1].exists() and outputs[1].stat().st_mtime_ns >= stamps[1]
+    assert run(*args, "--overwrite") == 0
+    assert outputs[0].stat().st_mtime_ns > 1
+
+
+def _error(capsys, *args) -> str:
+    assert run(*args) == 2
+    return capsys.readouterr().err
+
+
+def test_bad_input_is_an_error_naming_the_file(saved, tmp_path, capsys):
+    root, *_ = saved
+    model, plan = root / "model.keras", root / "plan.json"
+    out = tmp_path / "out"
+    missing = tmp_path / "nothere.nii.gz"
+    assert f"input {missing} does not exist" in _error(capsys, "--model", model, "--plan", plan,
+                                                        missing, "--output", out)
+    text = tmp_path / "notes.txt"
+    text.write_text("x")
+    assert f"input {text}: expected a .nii" in _error(capsys, "--model", model, "--plan", plan,
+                                                      text, "--output", out)
+    err = _error(capsys, "--model", model, root / "cases" / "case_a.nii.gz", "--output", out)
+    assert "pass --plan plan.json" in err
+    bad_plan = tmp_path / "plan.json"
+    bad_plan.write_text(json.dumps({k: v for k, v in json.loads(plan.read_text()).items()
+                                    if k != "patch_size"}))
+    err = _error(capsys, "--model", model, "--plan", bad_plan, root / "cases", "--output", out)
+    assert str(bad_plan) in err and "'patch_size'" in err
+    broken = tmp_path / "broken.keras"
+    broken.write_bytes(b"not a zip")
+    assert f"model file {broken} cannot be loaded" in _error(
+        capsys, "--model", broken, "--plan", plan, root / "cases", "--output", out
+    )
+    # two channels for a one-channel model: named, and nothing written
+    two = tmp_path / "two.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 16, 16, 2), np.int16), np.eye(4)), two)
+    err = _error(capsys, "--model", model, "--plan", plan, two, "--output", out)
+    assert f"{two}: image has 2 channel(s) but the model takes 1" in err
+    # same case name twice
+    other = tmp_path / "again"
+    other.mkdir()
+    (other / "case_a.nii.gz").write_bytes((root / "cases" / "case_a.nii.gz").read_bytes())
+    err = _error(capsys, "--model", model, "--plan", plan, root / "cases", other, "--output", out)
+    assert "are both case 'case_a'" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+# -- MLflow model URIs ------------------------------------------------------------------------
+
+
+# given, as medseg training gives them: inferring them loads the model in a subprocess
+PIP = {"pip_requirements": ["tensorflow", "keras"]}
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(saved, tmp_path_factory):
+    """The saved model logged to a fresh sqlite store as medseg training logs it."""
+    import mlflow
+
+    from medseg.tracking import model_signature
+
+    root, model, plan, _ = saved
+    store = tmp_path_factory.mktemp("mlruns")
+    uri = f"sqlite:///{store}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("predict", artifact_location=(store / "a").as_uri())
+    with mlflow.start_run(experiment_id=experiment) as with_plan:
+        mlflow.log_artifact(str(root / "plan.json"))
+        info = mlflow.keras.log_model(model, name="model", signature=model_signature(1, 3), **PIP)
+    with mlflow.start_run(experiment_id=experiment) as without_plan:
+        mlflow.keras.log_model(model, name="model", signature=model_signature(1, 3), **PIP)
+    return uri, with_plan.info.run_id, info.model_uri, without_plan.info.run_id
+
+
+@pytest.mark.parametrize("kind", ["runs", "models"])
+def test_mlflow_model_uri_brings_its_plan(saved, mlflow_store, tmp_path, kind):
+    root, model, plan, images = saved
+    uri, run_id, model_uri, _ = mlflow_store
+    model_arg = f"runs:/{run_id}/model" if kind == "runs" else model_uri
+    source = root / "cases" / "case_a.nii.gz"
+    assert run("--model", model_arg, "--tracking-uri", uri, source, "--output", tmp_path) == 0
+    seg = nib.load(tmp_path / "case_a_seg.nii.gz")
+    np.testing.assert_allclose(seg.affine, nib.load(source).affine)
+    expected, _ = predict_case(
+        model, images["case_a"], SPACING, plan.preprocess, plan.patch_size, 3, stride=2
+    )
+    np.testing.assert_array_equal(np.asarray(seg.dataobj), expected)
+
+
+def test_mlflow_run_without_a_plan_is_a_clear_error(saved, mlflow_store, tmp_path, capsys):
+    root, *_ = saved
+    uri, _, _, bare_run = mlflow_store
+    err = _error(capsys, "--model", f"runs:/{bare_run}/model", "--tracking-uri", uri,
+                 root / "cases", "--output", tmp_path)
+    assert f"run {bare_run} has no plan.json artifact" in err and "--plan" in err
+    # with --plan it works
+    assert run("--model", f"runs:/{bare_run}/model", "--tracking-uri", uri, "--plan",
+               root / "plan.json", root / "cases", "--output", tmp_path) == 0
+    assert len(list(tmp_path.glob("*_seg.nii.gz"))) == 2
+
+
+@pytest.mark.slow
+def test_trained_run_predicts_from_its_uri_alone(tiny_config, tmp_path):
+    """End to end: medseg training logs what prediction needs; no --plan required."""
+    from medseg.tracking import run_training
+
+    store = tmp_path / "mlruns"
+    config = tiny_config(**{
+        "tracking.tracking_uri": f"sqlite:///{store}/mlflow.db",
+        "tracking.artifact_root": str(store),
+        "tracking.experiment": "predict-e2e",
+    })
+    result, run_id = run_training(config)
+    image = (np.random.default_rng(1).normal(0, 100, (20, 40, 36)) + 40).astype(np.int16)
+    source = tmp_path / "new_case.nii.gz"
+    nib.save(nib.Nifti1Image(image, kits19_affine(SPACING)), source)
+    assert run("--model", f"runs:/{run_id}/model", "--tracking-uri",
+               config.tracking.tracking_uri, source, "--output", tmp_path / "out") == 0
+    seg = nib.load(tmp_path / "out" / "new_case_seg.nii.gz")
+    np.testing.assert_allclose(seg.affine, kits19_affine(SPACING))
+    expected, _ = predict_case(
+        result.model, image, SPACING, result.data.plan, config.patch.patch_size,
+        len(result.data.class_names), stride=2 ** (config.model.depth - 1),
+    )
+    np.testing.assert_array_equal(np.asarray(seg.dataobj), expected)
+
+
+def test_plan_json_round_trip_and_compatibility(tmp_path):
+    from medseg.config import Config
+
+    config = Config().with_overrides({"patch.patch_size": [16, 32, 48], "model.depth": 4})
+    preprocess = PreprocessPlan((3.0, 1.5, 1.5), (-80.0, 300.0), 100.0, 50.0)
+    plan = PredictionPlan.from_config(config, preprocess, CLASSES)
+    assert plan.patch_size == (16, 32, 48) and plan.stride == 8
+    plan.save(tmp_path / "plan.json")
+    assert PredictionPlan.from_file(tmp_path / "plan.json") == plan
+    # the file is still a PreprocessPlan for code that reads only that
+    values = json.loads((tmp_path / "plan.json").read_text())
+    assert PreprocessPlan.from_dict(values) == preprocess
+    with pytest.raises(ValueError, match=r"plan file .*bad.json: 'class_names' must list"):
+        (tmp_path / "bad.json").write_text(json.dumps({**values, "class_names": ["only"]}))
+        PredictionPlan.from_file(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match=r"not valid JSON"):
+        (tmp_path / "bad.json").write_text("{")
+        PredictionPlan.from_file(tmp_path / "bad.json")
+
+
+def test_model_uris_are_told_from_paths(tmp_path):
+    from medseg.inference import is_model_uri
+
+    assert is_model_uri("runs:/abc/model") and is_model_uri("models:/m-123")
+    assert is_model_uri("s3://bucket/model")
+    assert not is_model_uri(tmp_path / "model.keras")
+    (tmp_path / "mlflow_model").mkdir()
+    (tmp_path / "mlflow_model" / "MLmodel").write_text("flavors: {}")
+    assert is_model_uri(tmp_path / "mlflow_model")
