@@ -1,4 +1,4 @@
-"""The ``medseg`` command line: build, info, train, predict, run, ui."""
+"""The ``medseg`` command line: build, info, train, evaluate, predict, run, tune, reproduce, ui."""
 
 from __future__ import annotations
 
@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mirror", action="store_true", help="test-time mirroring along all axes")
     p.add_argument("--batch-size", type=int, default=Config().inference.batch_size)
+    p.add_argument(
+        "--postprocessing",
+        metavar="JSON",
+        help="a medseg evaluate run's postprocessing.json (largest component per class)",
+    )
     p.add_argument("--overwrite", action="store_true", help="predict cases already written")
     p.add_argument("--tracking-uri", default=Config().tracking.tracking_uri)
 
@@ -276,6 +281,7 @@ def cmd_run(args) -> None:
 
 def cmd_predict(args) -> None:
     from medseg.inference import PredictionPlan, is_model_uri, load_model_file, predict_files
+    from medseg.inference.postprocess import load_postprocessing
 
     def load(model):
         if not is_model_uri(model):
@@ -306,6 +312,7 @@ def cmd_predict(args) -> None:
         weighting=args.weighting,
         mirror_axes=(0, 1, 2) if args.mirror else (),
         probabilities=args.probabilities,
+        postprocessing=load_postprocessing(args.postprocessing) if args.postprocessing else None,
         overwrite=args.overwrite,
     )
     print(f"wrote {len(written)} file(s) to {args.output}")

@@ -6,9 +6,12 @@ what it returns. Each phase is a plain function call on the one :class:`~medseg.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -110,18 +113,37 @@ def prepare_data(config: Config) -> DataSetup:
     )
 
 
+def checkpoint_directory(config: Config, train_ids: Sequence[str]) -> str | None:
+    """This training's checkpoint folder: ``train.checkpoint_dir/<key>``, or None.
+
+    The key hashes everything that shapes training (the config less its tracking,
+    inference, evaluation and tuning sections, plus the training cases), so a rerun of
+    an interrupted training resumes, while cross-validation folds and tuning trials that
+    share ``train.checkpoint_dir`` never resume from one another.
+    """
+    if not config.train.checkpoint_dir:
+        return None
+    values = config.to_dict()
+    for section in ("tracking", "inference", "evaluation", "tune"):
+        values.pop(section, None)
+    values["train_cases"] = sorted(train_ids)
+    key = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+    return str(Path(config.train.checkpoint_dir) / key)
+
+
 def train_model(
     config: Config, setup: DataSetup, callbacks: Sequence[keras.callbacks.Callback] = ()
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Build the pipelines and the model, and fit it under the configured strategy.
 
-    With ``train.checkpoint_dir`` holding a checkpoint, training resumes from it: the
+    With a checkpoint in :func:`checkpoint_directory`, training resumes from it: the
     training stream starts at the checkpoint's step, weights and optimizer state are
     restored, and the returned history covers every epoch.
     """
     strategy = make_strategy(config.train.strategy)  # first: multi-worker needs a fresh TF
     seed_everything(config.seed, config.train.deterministic)
-    start_step = resume_step(config.train)
+    checkpoints = checkpoint_directory(config, setup.train_ids)
+    start_step = resume_step(config.train, checkpoints)
     num_classes = len(setup.class_names)
     det = config.train.deterministic
     cache_dir = config.patch.cache_dir
@@ -176,7 +198,15 @@ def train_model(
         train = train.map(lambda x, y: (x, downsample_targets(y, model)))
         if validation is not None:
             validation = validation.map(lambda x, y: (x, downsample_targets(y, model)))
-    history = fit(model, train, validation, config.train, callbacks, train_start_step=start_step)
+    history = fit(
+        model,
+        train,
+        validation,
+        config.train,
+        callbacks,
+        train_start_step=start_step,
+        checkpoint_dir=checkpoints,
+    )
     return model, history
 
 

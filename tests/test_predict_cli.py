@@ -13,7 +13,8 @@ import pydicom
 import pytest
 
 from medseg.cli import main
-from medseg.inference import PredictionPlan, predict_case
+from medseg.inference import PredictionPlan, predict_case, predict_files
+from medseg.inference.postprocess import load_postprocessing
 from medseg.io import kits19_affine, read_dicom_series
 from medseg.models import build_unet
 from medseg.pipeline import PreprocessPlan
@@ -280,3 +281,43 @@ def test_model_uris_are_told_from_paths(tmp_path):
     (tmp_path / "mlflow_model").mkdir()
     (tmp_path / "mlflow_model" / "MLmodel").write_text("flavors: {}")
     assert is_model_uri(tmp_path / "mlflow_model")
+
+
+def test_postprocessing_decision_keeps_the_largest_component(tmp_path):
+    """``--postprocessing`` applies a cross-validation's decision to what is written."""
+    image = np.zeros((8, 24, 24), np.int16)
+    image[2:6, 2:12, 2:12] = 100  # a large "kidney"
+    image[3:5, 18:21, 18:21] = 100  # a small false positive
+    nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "case.nii.gz")
+    plan = PredictionPlan(
+        PreprocessPlan(target_spacing=None, clip=None, mean=0.0, std=1.0),
+        ("background", "kidney"),
+        patch_size=(8, 8, 8),
+        stride=1,
+    )
+    plan.save(tmp_path / "plan.json")
+
+    def threshold(batch):  # kidney where the intensity is high
+        kidney = (np.asarray(batch)[..., 0] > 50).astype(np.float32)
+        return np.stack([1 - kidney, kidney], axis=-1)
+
+    predict_files(threshold, plan, [tmp_path / "case.nii.gz"], tmp_path / "raw", log=None)
+    raw = np.asarray(nib.load(tmp_path / "raw" / "case_seg.nii.gz").dataobj)
+    np.testing.assert_array_equal(raw, image > 50)
+    decision = tmp_path / "postprocessing.json"
+    decision.write_text(json.dumps({"keep_largest_component": [1]}))
+    written = predict_files(
+        threshold,
+        plan,
+        [tmp_path / "case.nii.gz"],
+        tmp_path / "post",
+        postprocessing=load_postprocessing(decision),
+        log=None,
+    )
+    post = np.asarray(nib.load(written[0]).dataobj)
+    expected = np.zeros_like(raw)
+    expected[2:6, 2:12, 2:12] = 1
+    np.testing.assert_array_equal(post, expected)
+    with pytest.raises(ValueError, match="has no 'keep_largest_component' list"):
+        (tmp_path / "bad.json").write_text("{}")
+        load_postprocessing(tmp_path / "bad.json")

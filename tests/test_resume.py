@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medseg.experiment import checkpoint_directory
 from medseg.training import latest_checkpoint
 
 WORKER = Path(__file__).with_name("train_worker.py")
@@ -40,6 +41,13 @@ def finish(process):
     assert process.returncode == 0, err[-3000:]
 
 
+def training_folder(root):
+    """The one per-training checkpoint folder under ``train.checkpoint_dir`` (None before)."""
+    folders = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    assert len(folders) <= 1, folders
+    return folders[0] if folders else None
+
+
 def saved_weights(path):
     with np.load(path) as f:
         return [f[k] for k in sorted(f.files)]
@@ -66,7 +74,7 @@ def test_killed_training_resumes_to_the_same_weights_as_an_uninterrupted_run(
     # a pause after every epoch leaves time to kill the process between two checkpoints
     victim = launch(resumable, tmp_path / "run.npz", "--epoch-pause", "1.0")
     deadline = time.monotonic() + TIMEOUT
-    while (latest := latest_checkpoint(checkpoints)) is None or latest.name < "epoch-0002":
+    while (latest := latest_checkpoint(training_folder(checkpoints))) is None or latest.name < "epoch-0002":
         if victim.poll() is not None or time.monotonic() > deadline:
             victim.kill()
             pytest.fail(f"no checkpoint of epoch 2: {victim.communicate()[1][-3000:]}")
@@ -74,7 +82,7 @@ def test_killed_training_resumes_to_the_same_weights_as_an_uninterrupted_run(
     victim.send_signal(signal.SIGKILL)
     victim.communicate(timeout=60)
     assert victim.returncode == -signal.SIGKILL
-    killed_at = json.loads((latest_checkpoint(checkpoints) / "state.json").read_text())["epoch"]
+    killed_at = json.loads((latest_checkpoint(training_folder(checkpoints)) / "state.json").read_text())["epoch"]
     assert 2 <= killed_at < 4 and not (tmp_path / "run.npz").exists()  # truly mid-run
 
     finish(launch(resumable, tmp_path / "run.npz"))
@@ -90,3 +98,17 @@ def test_killed_training_resumes_to_the_same_weights_as_an_uninterrupted_run(
     for key in expected:  # NaN equals NaN here
         np.testing.assert_array_equal(history[key], expected[key], err_msg=key)
     assert len(history["loss"]) == 4
+
+
+def test_checkpoint_folder_is_one_per_training(tiny_config, tmp_path):
+    """Folds and trials sharing train.checkpoint_dir never resume from one another."""
+    config = tiny_config(**{"train.checkpoint_dir": str(tmp_path)})
+    folder = checkpoint_directory(config, ["c1", "c2"])
+    assert Path(folder).parent == tmp_path
+    # what does not shape training does not change the folder: a rerun resumes
+    unrelated = {"tracking.experiment": "other", "evaluation.folds": 3, "inference.overlap": 0.25}
+    assert checkpoint_directory(config.with_overrides(unrelated), ["c2", "c1"]) == folder
+    # other training cases (another fold) or another config (another trial) do
+    assert checkpoint_directory(config, ["c1", "c3"]) != folder
+    assert checkpoint_directory(config.with_overrides({"train.learning_rate": 0.1}), ["c1", "c2"]) != folder
+    assert checkpoint_directory(tiny_config(), ["c1"]) is None

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 
 from medseg.inference.plan import PredictionPlan
+from medseg.inference.postprocess import apply_postprocessing
 from medseg.inference.predictor import predict_case
 from medseg.io import MedsegIOError, read_case, write_like, write_nifti
 from medseg.io.nifti import nifti_suffix
@@ -124,6 +126,7 @@ def predict_files(
     weighting: str = "gaussian",
     mirror_axes: Sequence[int] = (),
     probabilities: bool = False,
+    postprocessing: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> list[Path]:
@@ -142,6 +145,9 @@ def predict_files(
         See :func:`~medseg.inference.predict_sliding_window`.
     probabilities : bool, optional
         Also write ``<case>_prob.nii.gz``.
+    postprocessing : dict, optional
+        A cross-validation's decision (:func:`~medseg.inference.postprocess.load_postprocessing`,
+        the ``postprocessing.json`` of a ``medseg evaluate`` run), applied to each label map.
     overwrite : bool, optional
         Predict cases whose outputs exist already (by default they are skipped, so an
         interrupted run resumes).
@@ -183,6 +189,7 @@ def predict_files(
             stride=plan.stride,
             probabilities=probabilities,
         )
+        labels = apply_postprocessing(labels, postprocessing)
         outputs = [(seg_path, labels)]
         if probabilities:
             outputs.append((prob_path, probs))

@@ -182,6 +182,9 @@ def reproduce(
         config = changed
     config.tracking.tracking_uri = uri
     config.tracking.experiment = client.get_experiment(original.info.experiment_id).name
+    if config.train.checkpoint_dir and not (overrides and "train.checkpoint_dir" in str(overrides)):
+        # the original's checkpoints would "resume" the finished run: train from scratch
+        config.train.checkpoint_dir = None
     notes += lineage_differences(original.data.tags, config)
     for note in notes:
         warnings.warn(note, LineageWarning, stacklevel=2)
