@@ -165,7 +165,7 @@ def load_or_create_splits(
     Parameters
     ----------
     path : path-like
-        JSON file ``{"protocol", "folds": k, "seed", "case_ids", "folds": [...]}``.
+        JSON file ``{"protocol", "num_folds", "seed", "case_ids", "folds": [...]}``.
     case_ids : sequence of str
         The cases of the training split now.
     protocol : {"kfold", "loo"}

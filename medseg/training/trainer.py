@@ -66,34 +66,17 @@ def _dtype_policy(name: str):
 
 
 def _build_network(model_config, num_classes, in_channels, ndim) -> keras.Model:
-    if hasattr(models, "model_from_config"):
-        return models.model_from_config(model_config, num_classes, in_channels, ndim)
-    return models.build_model(
-        model_config.name,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        ndim=ndim,
-        depth=model_config.depth,
-        filters=model_config.filters,
-        normalization=model_config.normalization,
-        dropout=model_config.dropout,
-    )
+    return models.model_from_config(model_config, num_classes, in_channels, ndim)
 
 
 def _loss(loss_config: LossConfig | None, num_classes: int) -> keras.losses.Loss:
-    factory = getattr(models, "loss_from_config", None) or getattr(
-        models.losses, "loss_from_config", None
-    )
-    if loss_config is None or factory is None:
+    if loss_config is None:
         return models.DiceCrossEntropyLoss()
-    return factory(loss_config, num_classes)
+    return models.loss_from_config(loss_config, num_classes)
 
 
 def _metrics(class_names: Sequence[str], regions: dict | None) -> list:
-    factory = getattr(models, "metrics_from_config", None)
-    if factory is None:
-        return models.class_dice_metrics(list(class_names))
-    return factory(list(class_names), regions or {})
+    return models.metrics_from_config(list(class_names), regions or {})
 
 
 def build_compiled_model(
