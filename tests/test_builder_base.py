@@ -130,8 +130,15 @@ def test_build_error_names_the_failing_case(tmp_path):
         builder.download_and_prepare()
 
 
-def test_at_most_two_cases_are_loaded_at_once(tmp_path):
+def test_at_most_two_cases_are_loaded_at_once(tmp_path, monkeypatch):
     live = {"now": 0, "peak": 0}
+    serialize = records.CaseSerializer.serialize
+
+    def slow_serialize(self, example):
+        time.sleep(0.1)  # a slow write: the next case loads meanwhile (peak 2, never 3)
+        return serialize(self, example)
+
+    monkeypatch.setattr(records.CaseSerializer, "serialize", slow_serialize)
     lock = threading.Lock()
 
     def released():
@@ -146,7 +153,6 @@ def test_at_most_two_cases_are_loaded_at_once(tmp_path):
                 live["peak"] = max(live["peak"], live["now"])
             # the case is alive while its image is
             weakref.finalize(record.image, released)
-            time.sleep(0.05)  # slow loads: the lookahead is always running ahead
             return record
 
         return load
