@@ -1,4 +1,4 @@
-"""The ``medseg`` command line: build, info, train, evaluate, predict, run, tune, reproduce, ui."""
+"""The ``medseg`` command line: build, info, plan, train, evaluate, predict, run, tune, reproduce, ui."""
 
 from __future__ import annotations
 
@@ -30,6 +30,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.add_argument("--data-dir")
     p.add_argument("--json", action="store_true", help="print the raw fingerprint as JSON")
+
+    p = sub.add_parser(
+        "plan",
+        help="fit spacing, patch, network, batch and training length to a dataset and this machine",
+        description="Plan an experiment from the dataset's fingerprint and this machine "
+        "(nnU-Net's rules; on a CPU, or with --time-budget, the planned network is timed "
+        "here and the step count fitted to the budget). Example: "
+        "medseg plan kits_phantom --config small --time-budget 8m --explain",
+    )
+    p.add_argument("dataset", help="dataset name, e.g. kits_phantom")
+    p.add_argument("--config", help="builder config (e.g. small) or a .json config file")
+    p.add_argument("--data-dir", help="TFDS data dir (default: TFDS's)")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    p.add_argument("--gpu-memory", type=float, metavar="GB", help="GPU memory to plan for")
+    p.add_argument("--time-budget", metavar="DURATION", help="training time, e.g. 10m, 90s")
+    p.add_argument(
+        "--preset", choices=("default", "resenc_m", "resenc_l"), default="default",
+        help="plain U-Net (default) or nnU-Net's residual-encoder presets",
+    )
+    p.add_argument("--output", help="where plan.json is written (default: only printed)")
+    p.add_argument("--explain", action="store_true", help="print every value with its rule")
+    p.add_argument(
+        "--no-probe", action="store_true",
+        help="predict the step time from the conv throughput instead of timing the network",
+    )
 
     p = sub.add_parser("train", help="train and evaluate one model, logged to MLflow")
     p.add_argument("--config", dest="config_file", help="a .json or .toml config file")
@@ -214,6 +239,54 @@ def format_fingerprint(fp: dict) -> str:
     return "\n".join(lines)
 
 
+def cmd_plan(args) -> None:
+    """Plan an experiment for a built dataset (building it if needed) and print it."""
+    from medseg import datasets
+    from medseg.planning import PlanOptions, explain, parse_duration, plan_experiment
+
+    builder = datasets.prepare(args.dataset, args.config, args.data_dir)
+    fp = datasets.read_fingerprint(builder)
+    options = PlanOptions(
+        device=args.device,
+        gpu_memory=args.gpu_memory,
+        time_budget_s=parse_duration(args.time_budget),
+        preset=args.preset,
+    )
+    plan = plan_experiment(
+        fp, dataset=builder.info.full_name, fingerprint_hash=datasets.fingerprint_hash(fp),
+        modalities=datasets.modalities(builder), options=options, probe=not args.no_probe,
+    )
+    if args.explain:
+        print(explain(plan))
+    else:
+        print(format_plan(plan))
+    if args.output:
+        plan.save(args.output)
+        print(f"wrote {args.output} (medseg train plan.mode={args.output})")
+
+
+def format_plan(plan) -> str:
+    """The plan's main numbers in a few lines (``--explain`` prints every rule)."""
+    lines = [
+        f"plan of {plan.dataset} ({plan.device}, preset {plan.preset}, {plan.model})",
+        f"  spacing {_numbers(plan.target_spacing)} mm, median shape "
+        f"{_numbers(plan.median_shape, '{:.0f}')}, normalize {plan.normalize}",
+        f"  patch {_numbers(plan.patch_size, '{:d}')}, batch {plan.batch_size}, "
+        f"{plan.num_stages} stages, widths {list(plan.widths)}",
+        f"  strides {[list(s) for s in plan.strides]}",
+        f"  kernels {[list(k) for k in plan.kernels]}",
+        f"  {plan.epochs} epochs × {plan.steps_per_epoch} steps; memory "
+        f"{plan.memory_bytes / 1e9:.2f} GB of {plan.memory_budget_bytes / 1e9:.1f} GB",
+    ]
+    if plan.probe:
+        lines.append(
+            f"  {plan.probe['seconds_per_step']:.3f} s/step on this machine (conv3d "
+            f"{plan.probe['conv_gflops']:.1f} GFLOP/s): training {plan.predicted_train_s:.0f} s"
+            f" of a {plan.time_budget_s:.0f} s budget"
+        )
+    return "\n".join(lines)
+
+
 def cmd_train(args) -> None:
     config = Config.from_file(args.config_file) if args.config_file else Config()
     config = config.with_overrides(args.overrides)
@@ -375,6 +448,7 @@ def cmd_ui(args) -> None:
 COMMANDS = {
     "build": cmd_build,
     "info": cmd_info,
+    "plan": cmd_plan,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "run": cmd_run,

@@ -254,6 +254,27 @@ class TuneConfig:
 
 
 @dataclass
+class PlanConfig:
+    """Self-configuration (``medseg plan``): which values the experiment plan sets.
+
+    With ``mode="auto"`` the plan fitted to the dataset's fingerprint and this machine
+    (cached beside the dataset) sets target spacing, normalisation, patch, batch, network
+    and training length; any of those keys given in the config (a file, an override, a
+    notebook parameter) wins, and the override is recorded with the run.
+    """
+
+    # "auto": plan (or reuse the cached plan); "none": the config's own values; or the
+    # path of a plan.json (what medseg reproduce uses: never re-plans)
+    mode: str = "auto"
+    # training time to fit, e.g. "10m", "90s", "1h"; None: a fixed schedule on a GPU,
+    # 10 minutes on a CPU
+    time_budget: str | None = None
+    device: str = "auto"  # "auto" | "cpu" | "gpu"
+    gpu_memory: float | None = None  # GB; None: the preset's (default 8, resenc_l 24)
+    preset: str = "default"  # "default" (plain U-Net) | "resenc_m" | "resenc_l"
+
+
+@dataclass
 class TrackingConfig:
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
     artifact_root: str = "mlruns"
@@ -277,13 +298,28 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     seed: int = 42
+
+    @property
+    def explicit_keys(self) -> frozenset[str]:
+        """The ``section.key`` names given explicitly (a file, a dict, an override), as
+        opposed to left at their defaults: the keys a plan must not change."""
+        return getattr(self, "_explicit", frozenset())
+
+    def _with_explicit(self, keys) -> Config:
+        object.__setattr__(self, "_explicit", frozenset(keys))
+        return self
 
     # -- construction --------------------------------------------------------------
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
-        """Build a config from a nested dict; unknown keys are errors."""
-        return _from_dict(cls, values, prefix="")
+        """Build a config from a nested dict; unknown keys are errors.
+
+        The keys present in ``values`` are its :attr:`explicit_keys`.
+        """
+        config = _from_dict(cls, values, prefix="")
+        return config._with_explicit(_given_keys(values))
 
     @classmethod
     def from_file(cls, path: str | Path) -> Config:
@@ -330,7 +366,7 @@ class Config:
             if name not in target:
                 raise ConfigError(_unknown(key, _flat_keys(Config)))
             target[name] = value
-        return Config.from_dict(values)
+        return Config.from_dict(values)._with_explicit(self.explicit_keys | set(overrides))
 
     # -- export --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -355,6 +391,16 @@ class Config:
 
 
 # -- helpers -------------------------------------------------------------------------
+
+
+def _given_keys(values: dict[str, Any]) -> set[str]:
+    keys = set()
+    for key, value in values.items() if isinstance(values, dict) else ():
+        if isinstance(value, dict):
+            keys |= {f"{key}.{sub}" for sub in value}
+        else:
+            keys.add(key)
+    return keys
 
 
 def _flat_keys(cls: type) -> list[str]:

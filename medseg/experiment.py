@@ -23,7 +23,7 @@ from medseg.config import Config
 from medseg.evaluation import score_case, summarize
 from medseg.inference import predict_case
 from medseg.inference.postprocess import postprocessing_scores
-from medseg.models import check_input_shape, downsample_targets, stride
+from medseg.models import check_input_shape, downsample_targets
 from medseg.pipeline import (
     PreprocessPlan,
     check_patch_fits,
@@ -35,6 +35,8 @@ from medseg.pipeline import (
     training_dataset,
     validation_dataset,
 )
+from medseg.planning import ExperimentPlan
+from medseg.planning.resolve import apply_plan, resolve_plan
 from medseg.training import (
     build_compiled_model,
     fit,
@@ -56,6 +58,11 @@ class DataSetup:
     plan: PreprocessPlan
     train_ids: list[str]
     val_ids: list[str]
+    # the experiment plan as it runs, the config resolved against it, and the explicit
+    # config keys that overrode a planned value ({key: {"planned": .., "used": ..}})
+    experiment_plan: ExperimentPlan | None = None
+    config: Config | None = None
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def dataset_name(self) -> str:
@@ -84,7 +91,12 @@ class ExperimentResult:
 
 
 def prepare_data(config: Config) -> DataSetup:
-    """Build (if allowed) the dataset, read its fingerprint, plan preprocessing, split cases."""
+    """Build (if allowed) the dataset, read its fingerprint, plan, split cases.
+
+    The experiment plan (:func:`medseg.planning.resolve.resolve_plan`) fills every key the
+    config leaves unset; ``setup.config`` is the config resolved against it, which the
+    later phases take.
+    """
     data = config.data
     if data.build_if_missing:
         builder = datasets.prepare(data.dataset, data.config, data.data_dir)
@@ -94,22 +106,36 @@ def prepare_data(config: Config) -> DataSetup:
     metadata = builder.info.metadata or {}
     class_names = list(metadata.get("class_names") or fingerprint["class_names"])
     regions = {k: list(v) for k, v in (metadata.get("regions") or {}).items()}
+    fp_hash = datasets.fingerprint_hash(fingerprint)
+    experiment_plan = resolve_plan(
+        config,
+        fingerprint,
+        dataset=builder.info.full_name,
+        fingerprint_hash=fp_hash,
+        modalities=datasets.modalities(builder),
+        cache_dir=builder.data_dir,
+    )
+    config, experiment_plan, overrides = apply_plan(config, experiment_plan, fingerprint)
     plan = plan_preprocessing(config.preprocess, fingerprint)
     check_patch_fits(
         fingerprint, plan, config.patch.patch_size, builder.info.full_name, config.patch.mode
     )
-    check_input_shape(config.patch.patch_size, config.model.depth)
+    if config.plan.mode == "none":
+        check_input_shape(config.patch.patch_size, config.model.depth)
     ids = read_case_ids(builder, data.split)
     train_ids, val_ids = split_cases(ids, data.validation_fraction, config.seed)
     return DataSetup(
         builder=builder,
         fingerprint=fingerprint,
-        fingerprint_hash=datasets.fingerprint_hash(fingerprint),
+        fingerprint_hash=fp_hash,
         class_names=class_names,
         regions=regions,
         plan=plan,
         train_ids=train_ids,
         val_ids=val_ids,
+        experiment_plan=experiment_plan,
+        config=config,
+        overrides=overrides,
     )
 
 
@@ -184,6 +210,9 @@ def train_model(
     image_spec = train.element_spec[0]
     ndim = len(image_spec.shape) - 2
     in_channels = int(image_spec.shape[-1])
+    topology = widths = None
+    if setup.experiment_plan is not None and ndim == len(setup.experiment_plan.patch_size):
+        topology, widths = setup.experiment_plan.topology, setup.experiment_plan.widths
     model = build_compiled_model(
         config.model,
         config.train,
@@ -193,6 +222,8 @@ def train_model(
         loss_config=config.loss,
         regions=setup.regions,
         ndim=ndim,
+        topology=topology,
+        widths=widths,
     )
     if len(model.outputs) > 1:  # deep supervision: one target per output, full size first
         train = train.map(lambda x, y: (x, downsample_targets(y, model)))
@@ -241,7 +272,7 @@ def evaluate_cases(
             batch_size=config.inference.batch_size,
             weighting=config.inference.weighting,
             mirror_axes=config.inference.mirror_axes,
-            stride=stride(config.model.depth),
+            stride=network_stride(config, setup),
             probabilities=False,
         )
         truth = ex["label"]
@@ -270,14 +301,32 @@ def evaluate_cases(
     return results, example
 
 
+def network_stride(config: Config, setup: DataSetup):
+    """The network's per-axis total stride (an int where it is the same on every axis)."""
+    if setup.experiment_plan is None:
+        from medseg.models import stride
+
+        return stride(config.model.depth)
+    divisor = setup.experiment_plan.topology.divisor
+    return divisor[0] if len(set(divisor)) == 1 else divisor
+
+
 def run_experiment(
-    config: Config, callbacks: Sequence[keras.callbacks.Callback] = ()
+    config: Config,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    setup: DataSetup | None = None,
 ) -> ExperimentResult:
-    """Run every phase of one experiment and return what each produced."""
+    """Run every phase of one experiment and return what each produced.
+
+    ``setup`` (from :func:`prepare_data`) skips the first phase; the result's config is
+    the one resolved against the plan.
+    """
     make_strategy(config.train.strategy)  # before any TF op: multi-worker needs it so
     timings = {}
     t0 = time.perf_counter()
-    setup = prepare_data(config)
+    if setup is None:
+        setup = prepare_data(config)
+    config = setup.config or config
     timings["prepare_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     model, history = train_model(config, setup, callbacks)

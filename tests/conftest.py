@@ -43,6 +43,9 @@ TINY_OVERRIDES = {
     "train.steps_per_epoch": 2,
     # augmentation stays on, without XLA: compiling it costs seconds per test process
     "augment.jit": False,
+    # these tests exercise the phases with the config's own values; planning (and its
+    # probe of this machine) is tested in test_planning.py
+    "plan.mode": "none",
 }
 
 

@@ -33,6 +33,7 @@ def test_registry_has_the_whole_family():
             "attention_unet",
             "attention_residual_unet",
             "compact_unet",
+            "resenc_unet",
         ]
     )
     for name, builder in MODELS.items():

@@ -101,19 +101,20 @@ def test_train_notebook_defaults_are_the_config_defaults():
         "dataset": "data.dataset",
         "config_name": "data.config",
         "data_dir": "data.data_dir",
-        "epochs": "train.epochs",
-        "steps_per_epoch": "train.steps_per_epoch",
-        "patch_size": "patch.patch_size",
-        "batch_size": "patch.batch_size",
-        "filters": "model.filters",
-        "depth": "model.depth",
         "learning_rate": "train.learning_rate",
         "seed": "seed",
         "tracking_uri": "tracking.tracking_uri",
+        "plan": "plan.mode",
+        "time_budget": "plan.time_budget",
     }
     for name, key in mapping.items():
         assert params[name] == flat[key], (name, params[name], flat[key])
+    # the keys the experiment plan sets are left to it: None, not a copy of a constant
+    for name in PLANNED_PARAMS:
+        assert params[name] is None, name
 
+
+PLANNED_PARAMS = ("epochs", "steps_per_epoch", "patch_size", "batch_size", "filters", "depth")
 
 # -- every notebook at tiny size, each checked through the MLflow runs it leaves -----------
 
@@ -130,6 +131,7 @@ def _tiny(tiny_data_dir: str, **extra) -> dict:
         "patch_size": [8, 16, 16],
         "filters": 4,
         "depth": 2,
+        "plan": "none",
         "overrides": {
             "preprocess.target_spacing": [4.0, 2.0, 2.0],
             "patch.validation_patches": 1,
@@ -293,16 +295,13 @@ def test_predict_notebook_scores_the_newest_model_as_its_training_run_did(
                              "split": "data.split", "seed": "seed",
                              "patch_size": "patch.patch_size",
                              "tracking_uri": "tracking.tracking_uri"}),
-        ("tune", {"config_name": "data.config", "epochs": "train.epochs",
-                  "patch_size": "patch.patch_size", "filters": "model.filters",
+        ("tune", {"config_name": "data.config",
                   "n_trials": "tune.n_trials", "metric": "tune.metric",
                   "pruner": "tune.pruner", "storage": "tune.storage", "timeout": "tune.timeout",
                   "pruner_startup_trials": "tune.pruner_startup_trials",
                   "workers": "tune.workers", "tracking_uri": "tracking.tracking_uri"}),
         ("cross_validate", {"config_name": "data.config", "folds": "evaluation.folds",
-                            "epochs": "train.epochs", "steps_per_epoch": "train.steps_per_epoch",
-                            "patch_size": "patch.patch_size", "filters": "model.filters",
-                            "depth": "model.depth", "seed": "seed",
+                            "plan": "plan.mode", "seed": "seed",
                             "tracking_uri": "tracking.tracking_uri"}),
         ("predict", {"overlap": "inference.overlap", "experiment": "tracking.experiment",
                      "tracking_uri": "tracking.tracking_uri"}),
@@ -318,5 +317,8 @@ def test_notebook_defaults_are_the_config_defaults(name, mapping):
     flat = Config().to_flat_dict()
     for param, key in mapping.items():
         assert params[param] == flat[key], (param, params[param], flat[key])
+    if name != "explore_dataset":  # its patch_size only shows sample patches
+        for param in PLANNED_PARAMS:  # left to the experiment plan
+            assert params.get(param) is None, param
     if name == "tune":  # the space is a dict there: papermill cannot parse "=" in strings
         assert [f"{k}={v}" for k, v in params["space"].items()] == flat["tune.space"]

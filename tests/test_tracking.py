@@ -33,7 +33,11 @@ def test_run_records_params_metrics_tags_and_lineage(logged_run):
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "2"
     assert json.loads(run.data.params["patch.patch_size"]) == [8, 16, 16]
-    assert set(config.to_flat_dict()) == set(run.data.params)
+    # the whole config, plus the experiment plan's own numbers (topology, estimates)
+    plan_keys = {k for k in run.data.params if k.startswith("plan.") and k not in config.to_flat_dict()}
+    assert {"plan.strides", "plan.kernels", "plan.widths", "plan.memory_gb"} <= plan_keys
+    assert set(config.to_flat_dict()) | plan_keys == set(run.data.params)
+    assert json.loads(run.data.params["plan.strides"]) == [[1, 1, 1], [2, 2, 2]]
     assert run.data.tags["dataset.name"] == "kits_phantom/tiny/1.1.0"
     assert run.data.tags["dataset.fingerprint_hash"] == result.data.fingerprint_hash
     assert run.data.tags["medseg.seed"] == "42"

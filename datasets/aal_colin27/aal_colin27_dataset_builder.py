@@ -170,6 +170,9 @@ class Builder(CaseBuilder):
     ]
     DEFAULT_BUILDER_CONFIG_NAME = "hemispheres"
 
+    def modalities(self) -> list[str]:
+        return ["T1"]
+
     def class_names(self) -> list[str]:
         # the class names follow the AAL region list; "all" needs it read, the others not
         if self.builder_config.grouping == "all":

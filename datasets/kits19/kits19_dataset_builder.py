@@ -79,6 +79,9 @@ class Builder(CaseBuilder):
     # KiTS19's official "kidney" score is of kidney and tumour together (label > 0)
     REGIONS = {"kidney_and_tumour": [1, 2]}
 
+    def modalities(self) -> list[str]:
+        return ["CT"]
+
     def class_names(self) -> list[str]:
         """Names of the label values 0, 1, 2."""
         return list(CLASS_NAMES)

@@ -15,6 +15,7 @@ from medseg.io.record import CaseRecord
 from .phantom import CLASS_NAMES, PhantomSpec, make_case
 
 _HOMEPAGE = "https://kits19.grand-challenge.org/"
+_DEFAULT_SPEC = PhantomSpec()  # the config's phantom knobs default to the phantom's
 
 
 @dataclasses.dataclass(eq=False)
@@ -33,6 +34,9 @@ class KitsPhantomConfig(tfds.core.BuilderConfig):
         Case ``i`` is ``phantom.make_case((seed, i), ...)``.
     slice_spacing_mm, inplane_spacing_mm : tuple of float
         Ranges of the slice and in-plane spacing.
+    tumour_probability, noise_sigma, tumour_hu, tumour_texture_hu, tumour_size, \
+kidney_shape_noise, renal_sinus_size, bias_field
+        Passed on to :class:`PhantomSpec` (see there); the defaults are its defaults.
     """
 
     num_cases: int = 12
@@ -41,6 +45,14 @@ class KitsPhantomConfig(tfds.core.BuilderConfig):
     seed: int = 0
     slice_spacing_mm: tuple[float, float] = (2.5, 5.0)
     inplane_spacing_mm: tuple[float, float] = (0.6, 0.9)
+    tumour_probability: float = _DEFAULT_SPEC.tumour_probability
+    noise_sigma: float = _DEFAULT_SPEC.noise_sigma
+    tumour_hu: float = _DEFAULT_SPEC.tumour_hu
+    tumour_texture_hu: float = _DEFAULT_SPEC.tumour_texture_hu
+    tumour_size: tuple[float, float] = _DEFAULT_SPEC.tumour_size
+    kidney_shape_noise: float = _DEFAULT_SPEC.kidney_shape_noise
+    renal_sinus_size: tuple[float, float] = _DEFAULT_SPEC.renal_sinus_size
+    bias_field: float = _DEFAULT_SPEC.bias_field
 
     def phantom_spec(self) -> PhantomSpec:
         """The :class:`PhantomSpec` of this config's cases."""
@@ -49,6 +61,14 @@ class KitsPhantomConfig(tfds.core.BuilderConfig):
             z_extent_mm=tuple(self.z_extent_mm),
             slice_spacing_mm=tuple(self.slice_spacing_mm),
             inplane_spacing_mm=tuple(self.inplane_spacing_mm),
+            tumour_probability=self.tumour_probability,
+            noise_sigma=self.noise_sigma,
+            tumour_hu=self.tumour_hu,
+            tumour_texture_hu=self.tumour_texture_hu,
+            tumour_size=tuple(self.tumour_size),
+            kidney_shape_noise=self.kidney_shape_noise,
+            renal_sinus_size=tuple(self.renal_sinus_size),
+            bias_field=self.bias_field,
         )
 
 
@@ -96,11 +116,39 @@ class Builder(CaseBuilder):
             z_extent_mm=(480.0, 520.0),
             inplane_spacing_mm=(1.05, 1.3),
         ),
+        KitsPhantomConfig(
+            # for tuning recipes: `small`'s geometry with every hard knob of the phantom on
+            name="hard",
+            description=(
+                "24 cases of 23-50 x 160 x 160 voxels, harder than `small`: irregular "
+                "kidney outlines, renal sinus fat at the hilum (C-shaped kidneys, labelled "
+                "background), tumours 25 HU darker than the kidney (125 vs 150 HU, texture "
+                "std 22 HU) and 30-95 % of its width, a third of the cases tumour-free, a "
+                "smooth bias field (about 16 HU RMS on soft tissue) and 20 HU noise."
+            ),
+            num_cases=24,
+            inplane=160,
+            z_extent_mm=(115.0, 125.0),
+            # not `small`'s seed 0 (which would re-render its anatomy); 13 gives 8 of 24
+            # cases tumour-free, the expected third
+            seed=13,
+            tumour_probability=0.67,
+            noise_sigma=20.0,
+            tumour_hu=125.0,
+            tumour_texture_hu=22.0,
+            tumour_size=(0.3, 0.95),
+            kidney_shape_noise=0.15,
+            renal_sinus_size=(0.35, 0.5),
+            bias_field=0.015,
+        ),
     ]
     DEFAULT_BUILDER_CONFIG_NAME = "small"
 
     # KiTS19's official "kidney" score is of kidney and tumour together (label > 0)
     REGIONS = {"kidney_and_tumour": [1, 2]}
+
+    def modalities(self) -> list[str]:
+        return ["CT"]
 
     def class_names(self) -> list[str]:
         return list(CLASS_NAMES)

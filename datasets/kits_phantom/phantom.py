@@ -13,6 +13,13 @@ and a slight rotation:
   higher amplitude) inside a kidney, sometimes bulging out of it;
 * Gaussian noise (sigma 15 HU) everywhere.
 
+:class:`PhantomSpec` has knobs for a harder variant, all off by default: irregular
+kidney outlines, renal sinus fat at each kidney's hilum (a C-shaped kidney in axial
+slices), tumour intensity and texture (e.g. slightly darker than the kidney), tumour
+size, a smooth multiplicative bias field, besides the tumour probability and the noise.
+Their random draws come from their own ``SeedSequence`` children and happen only when a
+knob is on, so the default cases are unchanged and each knob toggles independently.
+
 Arrays are (slices, rows, cols) as in KiTS19: rows run anterior to posterior, slices
 run along the body axis. Labels are 0 background, 1 kidney, 2 tumour (tumour overrides
 kidney).
@@ -70,6 +77,29 @@ class PhantomSpec:
         Probability that a case has tumours (one, or two with probability 0.3).
     noise_sigma : float
         Standard deviation of the Gaussian noise in HU.
+    tumour_hu : float
+        Mean tumour intensity in HU (the kidney is ``HU["kidney"]``, 150 HU).
+    tumour_texture_hu : float
+        Standard deviation of the tumour's smooth blob texture in HU.
+    tumour_size : tuple of float
+        Range of a tumour's in-plane radius as a fraction of its kidney's smaller
+        in-plane semi-axis.
+    kidney_shape_noise : float
+        Amplitude of the kidney's irregular outline: the surface moves in and out by this
+        fraction of the normalised radius times a smooth unit-std random field (blobs
+        about a third of the semi-axes); 0 keeps kidneys ellipsoids.
+    renal_sinus_size : tuple of float
+        Range of the renal sinus' semi-axes as fractions of its kidney's in-plane
+        semi-axes (along the body axis: the upper end plus 0.1). The sinus is an
+        ellipsoid of fat (-100 HU, label background) in each kidney that reaches out of
+        its medial surface towards the spine, so the kidney is a C-shape in axial
+        slices. ``(0, 0)`` paints no sinus.
+    bias_field : float
+        RMS of a smooth multiplicative intensity field: intensities become
+        ``(HU + 1000) * (1 + bias_field * field) - 1000`` before the noise, so air stays
+        -1000 HU and soft tissue varies by about ``1040 * bias_field`` HU RMS. The field
+        is a sum of six random plane waves of 1.5-4 fields of view wavelength, different
+        per case; 0 turns it off.
     """
 
     inplane: int = 128
@@ -78,6 +108,12 @@ class PhantomSpec:
     inplane_spacing_mm: tuple[float, float] = (0.6, 0.9)
     tumour_probability: float = 0.8
     noise_sigma: float = 15.0
+    tumour_hu: float = HU["tumour"]
+    tumour_texture_hu: float = TUMOUR_TEXTURE_HU
+    tumour_size: tuple[float, float] = (0.5, 0.95)
+    kidney_shape_noise: float = 0.0
+    renal_sinus_size: tuple[float, float] = (0.0, 0.0)
+    bias_field: float = 0.0
 
     def __post_init__(self):
         if self.inplane < 8:
@@ -88,6 +124,19 @@ class PhantomSpec:
                 raise ValueError(f"{name} must be a range 0 < low <= high, got {(low, high)}")
         if not 0.0 <= self.tumour_probability <= 1.0:
             raise ValueError(f"tumour_probability must be in [0, 1], got {self.tumour_probability}")
+        low, high = self.tumour_size
+        if not 0 < low <= high:
+            raise ValueError(f"tumour_size must be a range 0 < low <= high, got {(low, high)}")
+        low, high = self.renal_sinus_size
+        if not (low == high == 0 or 0 < low <= high < 1):
+            raise ValueError(
+                f"renal_sinus_size must be (0, 0) or a range 0 < low <= high < 1, got {(low, high)}"
+            )
+        for name in ("noise_sigma", "tumour_texture_hu", "kidney_shape_noise"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.bias_field < 0.5:
+            raise ValueError(f"bias_field must be in [0, 0.5), got {self.bias_field}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +170,10 @@ def make_case(
         ``(slice, row, col)`` spacing in mm, rounded to 4 decimals.
     """
     spec = PhantomSpec() if spec is None else spec
-    anatomy_seq, noise_seq = np.random.SeedSequence(seed).spawn(2)
+    # children 0 and 1 are the original streams; the hard knobs' draws come from child 2
+    # (one grandchild per knob), and only when the knob is on
+    anatomy_seq, noise_seq, knob_seq = np.random.SeedSequence(seed).spawn(3)
+    shape_seq, sinus_seq, bias_seq = knob_seq.spawn(3)
     rng = np.random.default_rng(anatomy_seq)
 
     n = spec.inplane
@@ -153,7 +205,8 @@ def make_case(
     tissue[_ellipse(y2, x2, (cy, cx), (body_a - fat, body_b - fat), theta) <= 1] = _SOFT
     spine_r = rng.uniform(0.09, 0.12) * half_fov
     spine_u = 0.6 * body_a
-    tissue[_ellipse(y2, x2, to_world(spine_u, 0.0), (spine_r, spine_r), theta) <= 1] = _BONE
+    spine = to_world(spine_u, 0.0)
+    tissue[_ellipse(y2, x2, spine, (spine_r, spine_r), theta) <= 1] = _BONE
     process = to_world(spine_u + spine_r + 0.06 * half_fov, 0.0)
     tissue[_ellipse(y2, x2, process, (0.07 * half_fov, 0.025 * half_fov), theta) <= 1] = _BONE
     base = np.array([HU["air"], HU["fat"], HU["soft_tissue"], HU["bone"]], np.float32)[tissue]
@@ -175,7 +228,7 @@ def make_case(
     tumours = []
     if rng.random() < spec.tumour_probability:
         for _ in range(1 if rng.random() < 0.7 else 2):
-            tumours.append(_sample_tumour(rng, kidneys[int(rng.integers(2))]))
+            tumours.append(_sample_tumour(rng, kidneys[int(rng.integers(2))], spec.tumour_size))
 
     spacing = (slice_mm, pixel, pixel)
     shape = (num_slices, n, n)
@@ -190,10 +243,35 @@ def make_case(
         )
         painters.append(_paint(wrap, shape, spacing, tissue == _SOFT, HU["fat"], None))
     inside = (tissue == _SOFT) | (tissue == _FAT)
-    for kidney in kidneys:
-        painters.append(_paint(kidney, shape, spacing, inside, HU["kidney"], KIDNEY))
+    if spec.kidney_shape_noise > 0:
+        shape_rng = np.random.default_rng(shape_seq)
+        for kidney in kidneys:
+            painters.append(
+                _paint_irregular(kidney, shape_rng, spec.kidney_shape_noise, shape, spacing, inside)
+            )
+    else:
+        for kidney in kidneys:
+            painters.append(_paint(kidney, shape, spacing, inside, HU["kidney"], KIDNEY))
+    if spec.renal_sinus_size[1] > 0:
+        sinus_rng = np.random.default_rng(sinus_seq)
+        for kidney in kidneys:
+            sinus = _sample_sinus(sinus_rng, kidney, spine, spec.renal_sinus_size)
+            painters.append(_paint(sinus, shape, spacing, inside, HU["fat"], BACKGROUND))
     for ellipsoid, texture_seed in tumours:
-        painters.append(_paint_tumour(ellipsoid, texture_seed, shape, spacing, inside))
+        painters.append(
+            _paint_tumour(
+                ellipsoid,
+                texture_seed,
+                shape,
+                spacing,
+                inside,
+                spec.tumour_hu,
+                spec.tumour_texture_hu,
+            )
+        )
+    bias = None
+    if spec.bias_field > 0:
+        bias = _sample_bias(np.random.default_rng(bias_seq), 2.0 * half_fov, spec.bias_field)
 
     image = np.empty(shape, dtype=np.int16)
     label = np.zeros(shape, dtype=np.uint8)
@@ -211,6 +289,11 @@ def make_case(
             slab[part][m] = v
             if value_label is not None:
                 label[(slice(lo, hi), box[1], box[2])][m] = value_label
+        if bias is not None:
+            z = (np.arange(z0, z1, dtype=np.float32) + 0.5) * np.float32(slice_mm)
+            slab += np.float32(-HU["air"])
+            slab *= _bias_gain(bias, z, axis)
+            slab += np.float32(HU["air"])
         slab += noise_rng.standard_normal(slab.shape, dtype=np.float32) * np.float32(
             spec.noise_sigma
         )
@@ -275,16 +358,89 @@ def _paint(ellipsoid, shape, spacing, allowed, value, value_label):
     return box, mask, np.float32(value), value_label
 
 
-def _sample_tumour(rng: np.random.Generator, kidney: _Ellipsoid):
+def _paint_irregular(kidney, rng, amplitude, shape, spacing, allowed):
+    """Painter of a kidney whose surface moves in and out with a smooth random field."""
+    box = _box(kidney, shape, spacing, pad=1.0 + 2.0 * amplitude)
+    if box is None:
+        return _empty_painter()
+    size = tuple(b.stop - b.start for b in box)
+    sigma = [
+        max(semi / step / 3.0, 0.5) for semi, step in zip(kidney.semi_axes, spacing, strict=True)
+    ]
+    field = _smooth_noise(rng, size, sigma)
+    mask = np.sqrt(_distance(kidney, box, shape, spacing)) + np.float32(amplitude) * field <= 1.0
+    mask &= allowed[box[1], box[2]][None]
+    return box, mask, np.float32(HU["kidney"]), KIDNEY
+
+
+def _sample_sinus(rng, kidney: _Ellipsoid, spine, size):
+    """The renal sinus of ``kidney``: a fat ellipsoid at its medial side, towards ``spine``.
+
+    Its in-plane semi-axes are fractions in ``size`` of the kidney's; it is centred on the
+    ray from the kidney's centre towards the spine (``spine`` is its world (y, x) in mm),
+    half of its extent along that ray inside the kidney, so it opens out of the medial
+    surface (the hilum). Along the body axis it spans a fraction of the kidney's length.
+    """
+    kz, ku, kv = kidney.semi_axes
+    su, sv = ku * rng.uniform(*size), kv * rng.uniform(*size)
+    sz = kz * rng.uniform(size[0] + 0.1, size[1] + 0.1)
+    dz = kz * rng.uniform(-0.1, 0.1)
+    c, s = np.cos(kidney.angle), np.sin(kidney.angle)
+    dy, dx = spine[0] - kidney.centre[1], spine[1] - kidney.centre[2]
+    mu, mv = c * dy + s * dx, -s * dy + c * dx  # the medial direction in the kidney frame
+    norm = np.hypot(mu, mv)
+    mu, mv = mu / norm, mv / norm
+    surface = 1.0 / np.hypot(mu / ku, mv / kv)  # kidney centre to its surface along it
+    extent = 1.0 / np.hypot(mu / su, mv / sv)  # sinus centre to its surface along it
+    reach = surface - 0.5 * extent
+    offset_u, offset_v = reach * mu, reach * mv
+    centre = (
+        kidney.centre[0] + dz,
+        kidney.centre[1] + c * offset_u - s * offset_v,
+        kidney.centre[2] + s * offset_u + c * offset_v,
+    )
+    return _Ellipsoid(centre, (sz, su, sv), kidney.angle)
+
+
+def _sample_bias(rng, fov, amplitude, waves: int = 6):
+    """Plane waves (wave vectors in rad/mm, phases, weights) of a smooth bias field.
+
+    Wavelengths are 1.5-4 fields of view in random 3-D directions; the weights make the
+    field's RMS ``amplitude`` (for independent phases).
+    """
+    direction = rng.normal(size=(waves, 3))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    wavelength = rng.uniform(1.5, 4.0, size=(waves, 1)) * fov
+    vectors = 2 * np.pi * direction / wavelength
+    phases = rng.uniform(0.0, 2 * np.pi, size=waves)
+    weights = rng.normal(size=waves)
+    weights *= amplitude / np.sqrt(np.sum(weights**2) / 2)
+    return vectors, phases, weights
+
+
+def _bias_gain(bias, z, axis):
+    """``1 + field`` over the slab of slice coordinates ``z`` (mm) and in-plane ``axis``."""
+    vectors, phases, weights = bias
+    gain = np.ones((z.size, axis.size, axis.size), dtype=np.float32)
+    for (kz, ky, kx), phase, weight in zip(vectors, phases, weights, strict=True):
+        arg = (np.float32(kz) * z + np.float32(phase))[:, None, None] + (
+            (np.float32(ky) * axis)[:, None] + (np.float32(kx) * axis)[None, :]
+        )[None]
+        gain += np.float32(weight) * np.cos(arg)
+    return gain
+
+
+def _sample_tumour(rng: np.random.Generator, kidney: _Ellipsoid, size=(0.5, 0.95)):
     """A tumour ellipsoid in ``kidney`` and the seed of its texture.
 
-    In-plane radii are 50-95 % of the kidney's smaller in-plane semi-axis; along the body
+    In-plane radii are a fraction in ``size`` (default 50-95 %) of the kidney's smaller
+    in-plane semi-axis; along the body
     axis 30-50 % of the kidney's length, so a tumour spans several slices even at 5 mm
     (KiTS19's tumours are large: a median diameter near 4 cm beside an 11 cm kidney).
     The centre lies at 0-45 % of the way to the kidney's surface, so large, eccentric
     tumours bulge out of it.
     """
-    fraction = rng.uniform(0.5, 0.95)
+    fraction = rng.uniform(*size)
     kz, ku, kv = kidney.semi_axes
     radius = fraction * min(ku, kv)
     semi = (
@@ -305,7 +461,15 @@ def _sample_tumour(rng: np.random.Generator, kidney: _Ellipsoid):
     return _Ellipsoid(centre, semi, angle), int(rng.integers(2**31))
 
 
-def _paint_tumour(ellipsoid, texture_seed, shape, spacing, allowed):
+def _paint_tumour(
+    ellipsoid,
+    texture_seed,
+    shape,
+    spacing,
+    allowed,
+    mean=HU["tumour"],
+    texture_hu=TUMOUR_TEXTURE_HU,
+):
     """Painter of a tumour: a blob-shaped ellipsoid with a smooth texture."""
     box = _box(ellipsoid, shape, spacing, pad=1.2)
     if box is None:
@@ -321,7 +485,7 @@ def _paint_tumour(ellipsoid, texture_seed, shape, spacing, allowed):
     # irregular outline: the surface moves in and out with a smooth field
     mask = np.sqrt(_distance(ellipsoid, box, shape, spacing)) + 0.15 * shape_noise <= 1.0
     mask &= allowed[box[1], box[2]][None]
-    values = np.float32(HU["tumour"]) + np.float32(TUMOUR_TEXTURE_HU) * texture
+    values = np.float32(mean) + np.float32(texture_hu) * texture
     return box, mask, values, TUMOUR
 
 

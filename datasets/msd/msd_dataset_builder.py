@@ -150,6 +150,9 @@ class Builder(CaseBuilder):
         """The task's class names, background first."""
         return list(self.builder_config.labels)
 
+    def modalities(self) -> list[str]:
+        return list(self.builder_config.modalities)
+
     def _info(self) -> tfds.core.DatasetInfo:
         config = self.builder_config
         return self.dataset_info_from_configs(

@@ -151,6 +151,9 @@ class Builder(CaseBuilder):
     def class_names(self) -> list[str]:
         return list(self._config.class_names)
 
+    def modalities(self) -> list[str]:
+        return list(self._config.modalities)
+
     def _info(self) -> tfds.core.DatasetInfo:
         config = self._config
         channels = len(config.modalities) if len(config.modalities) > 1 else None

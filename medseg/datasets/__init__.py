@@ -19,6 +19,7 @@ __all__ = [
     "fingerprint_hash",
     "get_builder",
     "prepare",
+    "modalities",
     "read_fingerprint",
 ]
 
@@ -141,3 +142,19 @@ def read_fingerprint(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
             f"metadata.json; rebuild it with medseg.datasets.prepare)"
         )
     return dict(fingerprint)
+
+
+def modalities(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:
+    """The image channels' modalities of a builder (``("CT",)``, ``("T1",)``, ...).
+
+    A builder that does not say (``"unknown"``, or a generic name such as ``"image"``)
+    is taken as CT when its stored foreground intensities look like Hounsfield units
+    (0.5 % percentile below -200), else as an MR-like modality.
+    """
+    names = list(builder.modalities()) if hasattr(builder, "modalities") else ["unknown"]
+    if names in (["unknown"], ["image"]):
+        stats = (builder.info.metadata or {}).get("fingerprint", {}).get("foreground_intensity")
+        low = (stats or {}).get("percentile_00_5")
+        if low is not None and low < -200:
+            return ("CT",)
+    return tuple(names)

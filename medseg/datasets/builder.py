@@ -64,6 +64,11 @@ class CaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def class_names(self) -> list[str]:
         raise NotImplementedError
 
+    def modalities(self) -> list[str]:
+        """One name per image channel (``"CT"``, ``"T1"``, ...): planning normalises CT
+        by the dataset's HU statistics and anything else per image."""
+        return ["unknown"]
+
     def _generate_cases(
         self,
         loaders: Iterable[Callable[[], Any]],

@@ -186,6 +186,7 @@ def run_cross_validation(
     make_strategy(config.train.strategy)  # before any TF op (multi-worker needs it)
     t0 = time.perf_counter()
     setup = prepare_data(config)
+    config = setup.config or config  # resolved against the plan
     folds, path = make_folds(config, setup)
     results = [run_fold(config, setup, f, callbacks(f) if callbacks else ()) for f in folds]
     result = combine_folds(config, setup, folds, results, path)

@@ -33,28 +33,31 @@ class PredictionPlan:
         Output channel names, background first.
     patch_size : tuple of int
         Sliding-window size: the training patch size.
-    stride : int or None
-        The network's total down-sampling factor (full-image mode pads to a multiple of
-        it); None pads small images to a whole patch instead.
+    stride : int, tuple of int or None
+        The network's total down-sampling factor, one int or one per axis (full-image
+        mode pads to a multiple of it); None pads small images to a whole patch instead.
     """
 
     preprocess: PreprocessPlan
     class_names: tuple[str, ...]
     patch_size: tuple[int, ...]
-    stride: int | None = None
+    stride: int | tuple[int, ...] | None = None
 
     @classmethod
     def from_config(
-        cls, config, preprocess: PreprocessPlan, class_names: Sequence[str]
+        cls, config, preprocess: PreprocessPlan, class_names: Sequence[str], stride=None
     ) -> PredictionPlan:
-        """The plan of a model trained with ``config`` (a :class:`~medseg.config.Config`)."""
-        from medseg.models import stride
+        """The plan of a model trained with ``config`` (a :class:`~medseg.config.Config`);
+        ``stride`` (the experiment plan's) defaults to ``2**(model.depth - 1)``."""
+        from medseg.models import stride as depth_stride
 
+        if stride is None:
+            stride = depth_stride(config.model.depth)
         return cls(
             preprocess=preprocess,
             class_names=tuple(class_names),
             patch_size=tuple(int(p) for p in config.patch.patch_size),
-            stride=stride(config.model.depth),
+            stride=stride if isinstance(stride, int) else tuple(int(s) for s in stride),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,7 +65,8 @@ class PredictionPlan:
             **self.preprocess.to_dict(),
             "class_names": list(self.class_names),
             "patch_size": list(self.patch_size),
-            "stride": self.stride,
+            "stride": self.stride if self.stride is None or isinstance(self.stride, int)
+            else list(self.stride),
         }
 
     @classmethod
@@ -95,8 +99,14 @@ class PredictionPlan:
             or not all(isinstance(p, int) and p > 0 for p in patch)
         ):
             raise ValueError(f"{where}: 'patch_size' must be 3 positive integers, got {patch!r}")
-        if stride is not None and (not isinstance(stride, int) or stride < 1):
-            raise ValueError(f"{where}: 'stride' must be a positive integer, got {stride!r}")
+        if isinstance(stride, list) and len(stride) == 3 and all(
+            isinstance(s, int) and s >= 1 for s in stride
+        ):
+            stride = tuple(stride)
+        elif stride is not None and (not isinstance(stride, int) or stride < 1):
+            raise ValueError(
+                f"{where}: 'stride' must be a positive integer or 3 of them, got {stride!r}"
+            )
         return cls(preprocess, tuple(names), tuple(patch), stride)
 
     @classmethod

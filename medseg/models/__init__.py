@@ -53,6 +53,7 @@ from medseg.models.unet_variants import (
     build_dense_unet,
     build_multires_unet,
     build_plain_unet,
+    build_resenc_unet,
     build_residual_unet,
 )
 
@@ -67,6 +68,7 @@ MODELS: dict[str, Callable[..., keras.Model]] = {
     "attention_unet": build_attention_unet,
     "attention_residual_unet": build_attention_residual_unet,
     "compact_unet": build_compact_unet,
+    "resenc_unet": build_resenc_unet,
 }
 
 
@@ -91,7 +93,12 @@ def build_model(name: str, /, **kwargs) -> keras.Model:
 
 
 def model_from_config(
-    model_config: ModelConfig, num_classes: int, in_channels: int, ndim: int
+    model_config: ModelConfig,
+    num_classes: int,
+    in_channels: int,
+    ndim: int,
+    topology=None,
+    widths=None,
 ) -> keras.Model:
     """Build the model ``model_config`` describes, with every one of its fields.
 
@@ -105,6 +112,11 @@ def model_from_config(
         Input channels (modalities, or stacked slices for 2D slabs).
     ndim : {2, 3}
         Spatial dimensionality.
+    topology : medseg.planning.Topology, optional
+        A plan's per-stage strides and kernels; replaces ``model_config.depth`` (and the
+        isotropic 2× pooling and 3-wide kernels).
+    widths : sequence of int, optional
+        A plan's filters per stage; default ``model_config.filters`` doubling per stage.
     """
     kwargs = {
         "num_classes": num_classes,
@@ -118,6 +130,11 @@ def model_from_config(
     }
     if model_config.activation is not None:
         kwargs["activation"] = model_config.activation
+    if topology is not None:
+        kwargs["strides"] = [list(s) for s in topology.strides]
+        kwargs["kernels"] = [list(k) for k in topology.kernels]
+    if widths is not None:
+        kwargs["widths"] = list(widths)
     return build_model(model_config.name, **kwargs)
 
 
@@ -128,6 +145,7 @@ __all__ = [
     "deep_supervision_weights",
     "deep_supervision_scales",
     "build_residual_unet",
+    "build_resenc_unet",
     "build_plain_unet",
     "build_multires_unet",
     "build_dense_unet",

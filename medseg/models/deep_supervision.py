@@ -41,28 +41,33 @@ def deep_supervision_weights(n_outputs: int) -> list[float]:
     return [w / total for w in weights]
 
 
-def deep_supervision_scales(model: keras.Model) -> tuple[int, ...]:
+def deep_supervision_scales(model: keras.Model) -> tuple:
     """Down-sampling factor of each of ``model``'s outputs relative to its input.
 
     Found by running the model's graph symbolically on a probe size (no computation), so
-    it holds for any functional model whose outputs are isotropically down-sampled.
+    it holds for any functional model. An output down-sampled alike along every axis has
+    one int; one of a plan that pools some axes less often (anisotropic data) has a tuple,
+    one factor per axis.
     """
     ndim = len(model.inputs[0].shape) - 2
     n = len(model.outputs)
-    probe = max(getattr(model, "stride", 1), 2 ** (n - 1)) * 2
+    stride = getattr(model, "stride", 1)
+    stride = (stride,) * ndim if isinstance(stride, int) else tuple(stride)
+    probe = tuple(max(s, 2 ** (n - 1)) * 2 for s in stride)
     spec = model.compute_output_spec(
-        keras.KerasTensor((1,) + (probe,) * ndim + (model.inputs[0].shape[-1],))
+        keras.KerasTensor((1,) + probe + (model.inputs[0].shape[-1],))
     )
     specs = spec if isinstance(spec, list | tuple) else [spec]
     scales = []
     for out in specs:
-        spatial = set(out.shape[1:-1])
-        if len(spatial) != 1 or probe % next(iter(spatial)):
+        spatial = tuple(int(s) for s in out.shape[1:-1])
+        if any(p % s for p, s in zip(probe, spatial, strict=True)):
             raise ValueError(
-                f"model {model.name!r}: output of spatial size {tuple(out.shape[1:-1])} for "
-                f"an input of {(probe,) * ndim} is not an isotropic down-sampling"
+                f"model {model.name!r}: output of spatial size {spatial} for an input of "
+                f"{probe} is not a whole down-sampling"
             )
-        scales.append(probe // spatial.pop())
+        factors = tuple(p // s for p, s in zip(probe, spatial, strict=True))
+        scales.append(factors[0] if len(set(factors)) == 1 else factors)
     return tuple(scales)
 
 
@@ -97,10 +102,11 @@ def downsample_targets(
         scales = deep_supervision_scales(model)
         ndim = len(model.inputs[0].shape) - 2
     else:
-        scales = tuple(int(s) for s in model)
+        scales = tuple(s if isinstance(s, int) else tuple(int(v) for v in s) for s in model)
         if ndim is None:
             raise ValueError("downsample_targets: give ndim with explicit scales")
-    if any(s < 1 for s in scales):
+    per_axis = [(s,) * ndim if isinstance(s, int) else tuple(s) for s in scales]
+    if any(v < 1 for s in per_axis for v in s):
         raise ValueError(f"scales must be >= 1, got {scales}")
     rank = len(one_hot_labels.shape)
     if rank not in (ndim + 1, ndim + 2):
@@ -109,9 +115,9 @@ def downsample_targets(
             f"(batch,) + {ndim} spatial axes + (classes,), batch optional"
         )
     targets = []
-    for s in scales:
-        index = (Ellipsis,) + (slice(None, None, s),) * ndim + (slice(None),)
-        targets.append(one_hot_labels[index] if s > 1 else one_hot_labels)
+    for s in per_axis:
+        index = (Ellipsis,) + tuple(slice(None, None, v) for v in s) + (slice(None),)
+        targets.append(one_hot_labels[index] if max(s) > 1 else one_hot_labels)
     return tuple(targets)
 
 

@@ -16,6 +16,7 @@ stride), otherwise the up-sampled features no longer line up with their skip con
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import keras
@@ -33,8 +34,25 @@ def stride(depth: int) -> int:
     return 2 ** (depth - 1)
 
 
-def _next_multiple(shape: tuple[int, ...], factor: int) -> tuple[int, ...]:
-    return tuple(-(-max(s, 1) // factor) * factor for s in shape)
+def _next_multiple(shape: tuple[int, ...], factor) -> tuple[int, ...]:
+    factors = _per_axis(factor, len(shape))
+    return tuple(-(-max(s, 1) // f) * f for s, f in zip(shape, factors, strict=True))
+
+
+def _per_axis(factor, ndim: int) -> tuple[int, ...]:
+    """``factor`` (one int, or one per axis) as one int per axis."""
+    if isinstance(factor, int):
+        return (int(factor),) * ndim
+    factor = tuple(int(f) for f in factor)
+    if len(factor) != ndim:
+        raise ValueError(f"stride {factor} has {len(factor)} axes, the input {ndim}")
+    return factor
+
+
+def total_stride(strides: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """Per-axis product of per-stage strides: what every input size must be a multiple of."""
+    ndim = len(strides[0])
+    return tuple(int(math.prod(s[a] for s in strides)) for a in range(ndim))
 
 
 def check_input_shape(shape: Sequence[int], depth: int) -> None:
@@ -65,7 +83,8 @@ def check_input_shape(shape: Sequence[int], depth: int) -> None:
 class SegmentationModel(keras.Model):
     """A functional segmentation model that checks its input's spatial size.
 
-    Built like ``keras.Model(inputs, outputs, stride=8)``. Calling it (``predict``,
+    Built like ``keras.Model(inputs, outputs, stride=8)`` (or ``stride=(4, 8, 8)``, one per
+    axis, for a network that pools some axes less often). Calling it (``predict``,
     ``fit``, ``model(x)``) on a batch whose spatial sizes are not multiples of ``stride``
     raises a ``ValueError`` naming the size and the next valid one, instead of a shape
     mismatch deep inside the network; sizes unknown while tracing (relaxed shapes) are
@@ -77,34 +96,36 @@ class SegmentationModel(keras.Model):
     # the same positional arguments as keras' Functional, so that Keras serializes and
     # revives this class as a functional model (its layer graph), plus ``stride``
     def __init__(self, inputs, outputs, name=None, **kwargs):
-        divisor = int(kwargs.pop("stride", 1))
+        divisor = kwargs.pop("stride", 1)
         super().__init__(inputs, outputs, name=name, **kwargs)
-        self.stride = divisor
+        self.stride = int(divisor) if isinstance(divisor, int) else tuple(int(d) for d in divisor)
 
     def call(self, inputs, training=None, mask=None, **kwargs):
         self._check_spatial_size(inputs)
         return super().call(inputs, training=training, mask=mask, **kwargs)
 
     def _check_spatial_size(self, inputs) -> None:
-        if self.stride == 1:
-            return
         x = tf.nest.flatten(inputs)[0]
+        factors = _per_axis(self.stride, len(x.shape) - 2)
+        if all(f == 1 for f in factors):
+            return
         spatial = tuple(x.shape[1:-1])
         if None not in spatial:
             sizes = tuple(int(s) for s in spatial)
-            if any(s % self.stride for s in sizes):
+            if any(s % f for s, f in zip(sizes, factors, strict=True)):
                 raise ValueError(self._message(sizes))
         elif tf.is_tensor(x) and not tf.executing_eagerly():
             # sizes unknown while tracing (Keras relaxes shapes after retracing): check them
             # when the graph runs; raises tf.errors.InvalidArgumentError
             sizes = tf.shape(x)[1:-1]
             tf.debugging.Assert(
-                tf.reduce_all(tf.math.floormod(sizes, self.stride) == 0),
+                tf.reduce_all(tf.math.floormod(sizes, factors) == 0),
                 [f"model {self.name!r}: input spatial size", sizes, self._message(None)],
             )
 
     def _message(self, sizes: tuple[int, ...] | None) -> str:
-        rule = f"must be divisible by the model's stride {self.stride} (2**(depth-1))"
+        what = "2**(depth-1)" if isinstance(self.stride, int) else "per axis"
+        rule = f"must be divisible by the model's stride {self.stride} ({what})"
         if sizes is None:
             return rule
         return (
@@ -113,14 +134,15 @@ class SegmentationModel(keras.Model):
         )
 
     def get_config(self):
-        return {**super().get_config(), "stride": self.stride}
+        stride = self.stride if isinstance(self.stride, int) else list(self.stride)
+        return {**super().get_config(), "stride": stride}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         divisor = config.pop("stride", 1)
         model = super().from_config(config, custom_objects=custom_objects)
-        model.stride = int(divisor)
+        model.stride = int(divisor) if isinstance(divisor, int) else tuple(int(d) for d in divisor)
         return model
 
 
@@ -144,6 +166,10 @@ def assemble_unet(
     downsample: str = "max_pool",
     skip_path: bool = False,
     attention: bool = False,
+    strides: Sequence[Sequence[int]] | None = None,
+    kernels: Sequence[Sequence[int]] | None = None,
+    widths: Sequence[int] | None = None,
+    blocks_per_stage: Sequence[int] | None = None,
 ) -> SegmentationModel:
     """Assemble a U-Net from its blocks.
 
@@ -162,6 +188,15 @@ deep_supervision, name
         Route skip connections through MultiResUNet's res paths (longest at level 0).
     attention : bool
         Gate skip connections by attention gates driven by the coarser decoder features.
+    strides, kernels : sequence of sequence of int, optional
+        A plan's topology (:class:`medseg.planning.Topology`): per stage, the per-axis
+        down-sampling on entry (stage 0's all ones) and the per-axis kernel. They replace
+        ``depth`` (= the number of stages) and the isotropic 2 / 3 of every stage.
+    widths : sequence of int, optional
+        Filters per stage; default ``filters`` doubling per stage, capped at 320.
+    blocks_per_stage : sequence of int, optional
+        Encoder blocks per stage (the first one down-samples), e.g. ResEnc's
+        ``(1, 3, 4, 6, 6, 6)``; default one.
 
     Returns
     -------
@@ -180,14 +215,38 @@ deep_supervision, name
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if downsample not in ("max_pool", "strided_conv"):
         raise ValueError(f"downsample={downsample!r}: use 'max_pool' or 'strided_conv'")
-    factor = stride(depth)  # validates depth
+    if strides is None:
+        factor = stride(depth)  # validates depth
+        strides = [(1,) * ndim] + [(2,) * ndim] * (depth - 1)
+    else:
+        strides = [tuple(int(v) for v in s) for s in strides]
+        depth = len(strides)
+        if any(len(s) != ndim for s in strides) or any(v < 1 for s in strides for v in s):
+            raise ValueError(f"strides {strides}: one positive int per axis ({ndim}) per stage")
+        factor = total_stride(strides)
+        if all(f == factor[0] for f in factor) and all(
+            v in (1, 2) and len(set(s)) == 1 for s in strides[1:] for v in s
+        ):
+            factor = factor[0]  # isotropic: the int stride of the legacy models
+    kernels = (
+        [(3,) * ndim] * depth if kernels is None else [tuple(int(v) for v in k) for k in kernels]
+    )
+    if len(kernels) != depth:
+        raise ValueError(f"{len(kernels)} kernels for {depth} stages")
+    blocks_per_stage = [1] * depth if blocks_per_stage is None else list(blocks_per_stage)
+    if len(blocks_per_stage) != depth or min(blocks_per_stage) < 1:
+        raise ValueError(f"blocks_per_stage {blocks_per_stage}: one ≥ 1 per stage ({depth})")
     if deep_supervision and depth < 3:
         raise ValueError(
             f"deep_supervision needs depth >= 3 (an extra output per decoder level below "
             f"full resolution), got depth={depth}"
         )
     decoder_block = decoder_block or encoder_block
-    widths = [min(filters * 2**level, MAX_FILTERS) for level in range(depth)]
+    if widths is None:
+        widths = [min(filters * 2**level, MAX_FILTERS) for level in range(depth)]
+    widths = [int(w) for w in widths]
+    if len(widths) != depth:
+        raise ValueError(f"{len(widths)} widths for {depth} stages")
 
     def regularize(x, block_name):
         if dropout > 0:
@@ -198,28 +257,38 @@ deep_supervision, name
     x = inputs
     skips = []
     for level, width in enumerate(widths):
-        strides = 1
+        down = 1
         if level > 0:
             if downsample == "max_pool":
-                x = layers.pool(x, f"enc{level - 1}_pool")
+                x = layers.pool(x, f"enc{level - 1}_pool", size=strides[level])
             else:
-                strides = 2
-        x = regularize(
-            encoder_block(x, width, layers, f"enc{level}", strides=strides), f"enc{level}"
-        )
+                down = strides[level]
+        for block in range(blocks_per_stage[level]):
+            block_name = f"enc{level}" if blocks_per_stage[level] == 1 else f"enc{level}_{block}"
+            x = encoder_block(
+                x, width, layers, block_name, strides=down if block == 0 else 1,
+                kernel=kernels[level],
+            )
+        x = regularize(x, f"enc{level}")
         skips.append(x)
 
     heads = []
     for level in reversed(range(depth - 1)):
         gating = x
-        x = layers.up(x, widths[level], f"dec{level}_up")
+        up = strides[level + 1]
+        x = layers.up(x, widths[level], f"dec{level}_up", size=up)
         skip = skips[level]
         if skip_path:
             skip = res_path(skip, widths[level], layers, f"dec{level}_respath", depth - 1 - level)
         if attention:
-            skip = attention_gate(skip, gating, widths[level], layers, f"dec{level}_gate")
+            skip = attention_gate(
+                skip, gating, widths[level], layers, f"dec{level}_gate", stride=up
+            )
         x = keras.layers.Concatenate(name=f"dec{level}_concat")([skip, x])
-        x = regularize(decoder_block(x, widths[level], layers, f"dec{level}"), f"dec{level}")
+        x = regularize(
+            decoder_block(x, widths[level], layers, f"dec{level}", kernel=kernels[level]),
+            f"dec{level}",
+        )
         if deep_supervision and level > 0:
             heads.append(layers.head(x, num_classes, f"ds{level}_"))
     outputs = layers.head(x, num_classes, "")

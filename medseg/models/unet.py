@@ -45,6 +45,10 @@ def build_unet(
     activation: str = "relu",
     deep_supervision: bool = False,
     name: str = "unet",
+    strides=None,
+    kernels=None,
+    widths=None,
+    blocks_per_stage=None,
 ) -> keras.Model:
     """Build a standard U-Net segmentation model.
 
@@ -76,6 +80,9 @@ def build_unet(
         ``depth >= 3``); outputs are ordered full resolution first.
     name : str
         Name of the model.
+    strides, kernels, widths, blocks_per_stage : optional
+        A plan's per-stage, per-axis topology, filters and encoder blocks
+        (:func:`medseg.models.network.assemble_unet`); ``strides`` replaces ``depth``.
 
     Returns
     -------
@@ -96,4 +103,8 @@ def build_unet(
         deep_supervision=deep_supervision,
         name=name,
         encoder_block=conv_block,
+        strides=strides,
+        kernels=kernels,
+        widths=widths,
+        blocks_per_stage=blocks_per_stage,
     )

@@ -18,6 +18,7 @@ from medseg.models.blocks import (
     dense_block,
     multires_block,
     residual_block,
+    single_conv_block,
 )
 from medseg.models.network import assemble_unet
 
@@ -38,6 +39,10 @@ def _builder(
         activation: str = default_activation,
         deep_supervision: bool = False,
         name: str = default_name,
+        strides=None,
+        kernels=None,
+        widths=None,
+        blocks_per_stage=None,
     ) -> keras.Model:
         return assemble_unet(
             num_classes=num_classes,
@@ -50,12 +55,25 @@ def _builder(
             dropout=dropout,
             deep_supervision=deep_supervision,
             name=name,
-            **parts,
+            strides=strides,
+            kernels=kernels,
+            widths=widths,
+            blocks_per_stage=blocks_per_stage or _default_blocks(parts, strides, depth),
+            **{k: v for k, v in parts.items() if k != "default_blocks"},
         )
 
     build.__name__ = build.__qualname__ = f"build_{default_name}"
     build.__doc__ = doc + _PARAMETERS
     return build
+
+
+def _default_blocks(parts, strides, depth):
+    """Encoder blocks per stage of an architecture that has its own (ResEnc), else None."""
+    per_stage = parts.get("default_blocks")
+    if per_stage is None:
+        return None
+    stages = len(strides) if strides is not None else depth
+    return [per_stage[min(s, len(per_stage) - 1)] for s in range(stages)]
 
 
 _PARAMETERS = """
@@ -64,6 +82,9 @@ _PARAMETERS = """
     num_classes, in_channels, ndim, depth, filters, normalization, dropout, activation, \
 deep_supervision, name
         As in :func:`medseg.models.unet.build_unet` (defaults differ where noted).
+    strides, kernels, widths, blocks_per_stage : optional
+        A plan's per-stage, per-axis topology, filters and encoder blocks
+        (:func:`medseg.models.network.assemble_unet`); ``strides`` replaces ``depth``.
 
     Returns
     -------
@@ -166,4 +187,25 @@ build_compact_unet = _builder(
     "batch",
     "relu",
     encoder_block=compact_block,
+)
+
+# nnU-Net Revisited (Isensee et al., MICCAI 2024): residual blocks per encoder stage of the
+# ResEnc presets (M and L share them; L plans a larger patch for its 24 GB budget)
+RESENC_BLOCKS = (1, 3, 4, 6, 6, 6)
+
+build_resenc_unet = _builder(
+    """Build nnU-Net's residual-encoder U-Net (ResEnc M/L).
+
+    Isensee et al. 2024, "nnU-Net Revisited: A call for rigorous validation in 3D medical
+    image segmentation" (MICCAI). Residual encoder blocks per stage (1, 3, 4, 6, 6, 6, …;
+    the first of a stage down-samples by its stride), one conv → instance norm →
+    LeakyReLU per decoder stage, transposed-convolution up-sampling.
+    """,
+    "resenc_unet",
+    "instance",
+    "leaky_relu",
+    encoder_block=residual_block,
+    decoder_block=single_conv_block,
+    downsample="strided_conv",
+    default_blocks=RESENC_BLOCKS,
 )

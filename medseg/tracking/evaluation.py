@@ -242,6 +242,7 @@ def run_evaluation(
             mlflow.log_params(params)
         mlflow.set_tags(tags)
         setup = prepare_data(config)
+        config = setup.config or config  # resolved against the plan
         folds, splits_file = make_folds(config, setup)
         dataset_tags = {
             "dataset.name": setup.dataset_name,

@@ -99,6 +99,19 @@ def recorded_config(run_id: str, tracking_uri: str) -> Config:
         raise ConfigError(f"run {run_id}: its recorded params are not a valid config: {err}") from err
 
 
+def recorded_plan(run_id: str, tracking_uri: str, directory: str) -> Path | None:
+    """Download the run's ``experiment_plan.json`` into ``directory``; None if it has none
+    (a run from before plans were logged)."""
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="experiment_plan.json", dst_path=directory,
+            tracking_uri=tracking_uri,
+        )
+    except (MlflowException, OSError):
+        return None
+    return Path(path)
+
+
 def lineage_differences(tags: dict[str, str], config: Config) -> list[str]:
     """What differs between a run's recorded lineage (its tags) and this machine now:
     code commit, uncommitted changes, package versions, dataset version and fingerprint."""
@@ -195,7 +208,14 @@ def reproduce(
         run_name=f"reproduce-{name}",
         tags={TAG_REPRODUCES: run_id, "medseg.reproduce.warnings": "\n".join(notes) or "none"},
     )
-    run_training(config, run_id=new.info.run_id)
+    with tempfile.TemporaryDirectory() as plan_dir:
+        plan_file = recorded_plan(run_id, uri, plan_dir)
+        if plan_file is not None and config.plan.mode != "none":
+            # the recorded plan, never a new one: a run planned on a fast machine
+            # reproduces with the same step counts on a slow one
+            config = config.with_overrides({"plan.mode": str(plan_file)})
+            client.set_tag(new.info.run_id, "medseg.reproduce.plan", f"runs:/{run_id}/experiment_plan.json")
+        run_training(config, run_id=new.info.run_id)
     before, after = _final_metrics(client, run_id), _final_metrics(client, new.info.run_id)
     differences = [
         MetricDifference(k, before.get(k, math.nan), after.get(k, math.nan))

@@ -26,7 +26,7 @@ from medseg.evaluation.visuals import (
     write_overlay_gif,
     write_slice_montage,
 )
-from medseg.experiment import ExperimentResult, run_experiment
+from medseg.experiment import ExperimentResult, network_stride, prepare_data, run_experiment
 from medseg.inference import PredictionPlan
 from medseg.tracking.store import configure
 from medseg.training import (
@@ -123,6 +123,36 @@ def log_dataset(setup) -> None:
     mlflow.log_input(dataset, context="training")
 
 
+def plan_params(plan) -> dict[str, str]:
+    """The experiment plan's own numbers as MLflow params (``plan.*`` beside the config)."""
+    values = {
+        "plan.strides": json.dumps([list(s) for s in plan.strides]),
+        "plan.kernels": json.dumps([list(k) for k in plan.kernels]),
+        "plan.widths": json.dumps(list(plan.widths)),
+        "plan.memory_gb": f"{plan.memory_bytes / 1e9:.3f}",
+        "plan.parameters": str(plan.parameters),
+        "plan.gflop_per_step": f"{plan.flops_per_step / 1e9:.2f}",
+        "plan.device_planned": plan.device,
+    }
+    if plan.probe:
+        values["plan.seconds_per_step"] = f"{plan.probe['seconds_per_step']:.4f}"
+        values["plan.conv_gflops"] = f"{plan.probe['conv_gflops']:.1f}"
+    if plan.predicted_train_s is not None:
+        values["plan.predicted_train_s"] = f"{plan.predicted_train_s:.0f}"
+    return values
+
+
+def log_plan(setup) -> None:
+    """Log the experiment plan's numbers as params and its overrides as a tag."""
+    plan = setup.experiment_plan
+    if plan is None:
+        return
+    mlflow.log_params(plan_params(plan))
+    mlflow.set_tag(
+        "medseg.plan.overrides", ", ".join(sorted(setup.overrides)) or "none"
+    )
+
+
 def _write_tsv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
@@ -146,8 +176,16 @@ def log_result(result: ExperimentResult, log_model: bool = True) -> None:
         tmp = Path(tmp)
         (tmp / "config.json").write_text(result.config.to_json())
         # everything prediction needs besides the model (medseg predict --model runs:/...)
-        plan = PredictionPlan.from_config(result.config, setup.plan, setup.class_names)
+        plan = PredictionPlan.from_config(
+            result.config, setup.plan, setup.class_names, stride=network_stride(result.config, setup)
+        )
         (tmp / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+        if setup.experiment_plan is not None:
+            # the experiment plan as it ran: medseg reproduce trains from it, never re-plans
+            setup.experiment_plan.save(tmp / "experiment_plan.json")
+            (tmp / "plan_overrides.json").write_text(json.dumps(setup.overrides, indent=2))
+            mlflow.log_artifact(str(tmp / "experiment_plan.json"))
+            mlflow.log_artifact(str(tmp / "plan_overrides.json"))
         (tmp / "fingerprint.json").write_text(json.dumps(setup.fingerprint, indent=2))
         (tmp / "split.json").write_text(
             json.dumps({"train": setup.train_ids, "validation": setup.val_ids}, indent=2)
@@ -234,10 +272,15 @@ def run_training(
         "run_name": config.tracking.run_name,
     }
     with mlflow.start_run(**start) as run:
+        # plan first: the params logged are the values the run uses (MLflow params are
+        # immutable, so they cannot be logged before the plan resolves them)
+        setup = prepare_data(config)
+        config = setup.config or config
         mlflow.log_params(
             {k: json.dumps(v) if isinstance(v, list | dict) else v
              for k, v in config.to_flat_dict().items()}
         )
+        log_plan(setup)
         tags = {
             "medseg.devices": ", ".join(describe_devices()),
             "medseg.seed": str(config.seed),
@@ -249,8 +292,7 @@ def run_training(
             **(extra_tags or {}),
         }
         mlflow.set_tags(tags)
-        result = run_experiment(config, callbacks=[MlflowMetrics(), *callbacks])
-        setup = result.data
+        result = run_experiment(config, callbacks=[MlflowMetrics(), *callbacks], setup=setup)
         mlflow.set_tags(
             {
                 "dataset.name": setup.dataset_name,

@@ -65,8 +65,10 @@ def _dtype_policy(name: str):
         keras.config.set_dtype_policy(previous)
 
 
-def _build_network(model_config, num_classes, in_channels, ndim) -> keras.Model:
-    return models.model_from_config(model_config, num_classes, in_channels, ndim)
+def _build_network(model_config, num_classes, in_channels, ndim, topology, widths):
+    return models.model_from_config(
+        model_config, num_classes, in_channels, ndim, topology=topology, widths=widths
+    )
 
 
 def _loss(loss_config: LossConfig | None, num_classes: int) -> keras.losses.Loss:
@@ -88,17 +90,21 @@ def build_compiled_model(
     loss_config: LossConfig | None = None,
     regions: dict[str, list[int]] | None = None,
     ndim: int = 3,
+    topology=None,
+    widths=None,
 ) -> keras.Model:
     """Build and compile the model inside ``strategy``'s scope (variables get mirrored).
 
     The loss is ``loss_config``'s (Dice + cross-entropy without one); with deep
     supervision every output gets it, weighted as nnU-Net does, and the metrics (per-class
-    Dice, and region metrics where available) watch the full-resolution output only. Under
+    Dice, and region metrics where available) watch the full-resolution output only. A
+    plan's ``topology`` (per-stage strides and kernels) and ``widths`` shape the network
+    (:func:`medseg.models.model_from_config`). Under
     the mixed_float16 policy Keras wraps the optimizer in a ``LossScaleOptimizer``.
     """
     num_classes = len(class_names)
     with strategy.scope(), _dtype_policy(precision_policy(train_config)):
-        model = _build_network(model_config, num_classes, in_channels, ndim)
+        model = _build_network(model_config, num_classes, in_channels, ndim, topology, widths)
         loss = _loss(loss_config, num_classes)
         metrics = _metrics(class_names, regions)
         n_outputs = len(model.outputs)
