@@ -13,7 +13,7 @@ nox.options.reuse_venv = "yes"
 
 ROOT = Path(__file__).parent
 ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
-DEMO_TIME_BUDGET = "6m"  # training time; the demo's other phases take ~1-3 minutes
+DEMO_TIME_BUDGET = "5m"  # training time; the demo's other phases take ~1-4 minutes
 
 
 # Tiny parameters every notebook accepts, for the `notebooks` session and CI.

@@ -256,6 +256,10 @@ def cmd_plan(args) -> None:
         fp, dataset=builder.info.full_name, fingerprint_hash=datasets.fingerprint_hash(fp),
         modalities=datasets.modalities(builder), options=options, probe=not args.no_probe,
     )
+    # cached beside the dataset: a run with the same plan.* keys on this machine reuses it
+    from medseg.planning.planner import cache_path
+
+    plan.save(cache_path(builder.data_dir, plan.dataset, plan.fingerprint_hash, options, plan.device))
     if args.explain:
         print(explain(plan))
     else:
@@ -296,6 +300,10 @@ def cmd_train(args) -> None:
     from medseg.tracking import run_training
 
     result, run_id = run_training(config)
+    if result.data.experiment_plan is not None:
+        print(format_plan(result.data.experiment_plan))
+        for key, change in result.data.overrides.items():
+            print(f"  {key}={change['used']} overrides the planned {change['planned']}")
     _print_summary(result.summary)
     if run_id is None:  # a multi-worker run's other workers: rank 0 logs
         print("this worker is not rank 0; the chief worker logs the MLflow run")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,3 +302,77 @@ def test_an_overridden_patch_gets_its_own_topology_or_a_clear_error():
     assert all(a % d == 0 for a, d in zip(run_plan.patch_size, run_plan.topology.divisor, strict=True))
     with pytest.raises(PlanError, match=r"patch.patch_size=\[9, 32, 32\] is not a multiple"):
         apply_plan(Config().with_overrides({"patch.patch_size": [9, 32, 32]}), p, fp)
+
+
+# -- a planned run end to end -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_planned_run_logs_its_plan_and_reproduce_reuses_it(tiny_data_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from medseg import datasets
+    from medseg.tracking import run_training
+    from medseg.tracking.reproduce import reproduce
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = Config().with_overrides({
+        "data.config": "tiny", "data.data_dir": tiny_data_dir, "plan.time_budget": "45s",
+        # explicit keys win over the plan, and are recorded as overrides
+        "train.epochs": 1, "train.steps_per_epoch": 2, "patch.validation_patches": 1,
+        "augment.jit": False, "tracking.tracking_uri": uri,
+        "tracking.artifact_root": str(tmp_path), "tracking.log_model": False,
+    })
+    result, run_id = run_training(config)
+    setup = result.data
+    plan = setup.experiment_plan
+    assert result.config.patch.patch_size == plan.patch_size
+    assert result.config.model.name == "plain_unet" and result.config.preprocess.normalize == "ct"
+    assert set(setup.overrides) == {"train.epochs", "train.steps_per_epoch"}
+    assert plan.probe["measured"] and plan.probe["seconds_per_step"] > 0
+
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.data.tags["medseg.plan.overrides"] == "train.epochs, train.steps_per_epoch"
+    assert json.loads(run.data.params["patch.patch_size"]) == list(plan.patch_size)
+    assert json.loads(run.data.params["plan.strides"]) == [list(s) for s in plan.strides]
+    logged = ExperimentPlan.load(client.download_artifacts(run_id, "experiment_plan.json", str(tmp_path)))
+    assert logged == plan
+    overrides = json.loads(
+        Path(client.download_artifacts(run_id, "plan_overrides.json", str(tmp_path))).read_text()
+    )
+    assert overrides["train.epochs"] == {"planned": plan.epochs, "used": 1}
+
+    # the plan is cached beside the dataset; reproduce must not plan again: with the cache
+    # gone, a re-plan would write a new one (and time this machine anew)
+    builder = datasets.get_builder("kits_phantom", "tiny", tiny_data_dir)
+    cached = list((Path(builder.data_dir) / "plans").glob("*.json"))
+    assert cached and ExperimentPlan.load(cached[0]).probe == plan.probe
+    for path in cached:
+        path.unlink()
+    again = reproduce(run_id, uri)
+    new_plan = ExperimentPlan.load(
+        client.download_artifacts(again.run_id, "experiment_plan.json", str(tmp_path / "again"))
+    )
+    assert new_plan == plan  # probe figures included: nothing was timed again
+    assert not list((Path(builder.data_dir) / "plans").glob("*.json"))
+    assert client.get_run(again.run_id).data.tags["medseg.reproduce.plan"].endswith(
+        f"{run_id}/experiment_plan.json"
+    )
+
+
+def test_medseg_plan_writes_an_explained_plan_and_refuses_a_tiny_budget(tiny_data_dir, tmp_path, capsys):
+    from medseg.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", "kits_phantom", "--config", "tiny", "--data-dir", tiny_data_dir,
+                 "--time-budget", "5m", "--no-probe", "--explain", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    plan = ExperimentPlan.load(out)
+    assert "preprocess.target_spacing" in text and "anisotropic" in text or "median" in text
+    assert f"{plan.epochs}" in text and "GFLOP/s" in text
+    assert plan.dataset == "kits_phantom/tiny/1.1.0" and plan.modalities == ("CT",)
+    assert plan.predicted_train_s <= 300
+    assert main(["plan", "kits_phantom", "--config", "tiny", "--data-dir", tiny_data_dir,
+                 "--time-budget", "1s", "--no-probe"]) == 2
+    assert "time budget 1 s is too small" in capsys.readouterr().err

@@ -46,7 +46,7 @@ MIN_PATCH_VOXELS = 24 * 48 * 48  # the patch stops shrinking here (context)
 MEMORY_FLOP_EQUIVALENT = 1000.0
 # the training loop's cost beyond the step: the tf.data pipeline sharing the CPU,
 # per-epoch validation patches, callbacks; calibrated on planned runs
-LOOP_OVERHEAD = 1.08
+LOOP_OVERHEAD = 1.18
 CPU_RAM_SHARE = 0.5  # of the available RAM, for one training process
 
 
@@ -303,7 +303,13 @@ def plan_experiment(
     patch = _fit_bound(start, bound, spacing)
     base = rules.BASE_FEATURES
     cand = _candidate(spacing, patch, base, 2, in_channels, num_classes, options.preset)
-    while cand.elements > budget_elements:
+    float32 = device == "cpu"
+
+    def over_budget(c):
+        return c.elements > budget_elements or memory.memory_bytes(
+            c.elements, reference.batch, c.parameters, float32) > memory_budget
+
+    while over_budget(cand):
         smaller = _shrunk(cand.patch, median_shape, spacing)
         if smaller is None:
             need = memory.memory_bytes(cand.elements, 2, cand.parameters, device == "cpu")
@@ -433,10 +439,11 @@ def _fit_time(cand, spacing, median_shape, budget, options, in_channels, num_cla
         return seconds_per_step / 3 / cand.batch * n_val * options.validation_patches
 
     def steps_for(seconds_per_step, epochs_guess=20):
-        available = budget - validation_s(seconds_per_step) * epochs_guess
+        available = budget - startup[0] - validation_s(seconds_per_step) * epochs_guess
         return int(available / (seconds_per_step * LOOP_OVERHEAD))
 
     probes = []
+    startup = [0.0]  # the first epoch's tracing, paid once: from the last probe's warm-up
     for _ in range(4):
         while steps_for(predict(cand)) < TARGET_STEPS:
             smaller = _ladder(cand, spacing, median_shape, in_channels, num_classes, options.preset)
@@ -445,9 +452,11 @@ def _fit_time(cand, spacing, median_shape, budget, options, in_channels, num_cla
             cand = smaller
         if not probe:
             break
-        measured = _probe_step(cand, in_channels, num_classes, options.preset)
+        warm: list[float] = []
+        measured = _probe_step(cand, in_channels, num_classes, options.preset, warm)
+        startup = warm or [0.0]
         probes.append({"network": cand.describe(), "seconds_per_step": measured,
-                       "predicted_s": predict(cand)})
+                       "predicted_s": predict(cand), "tracing_s": startup[0]})
         scale *= measured / predict(cand)
         if steps_for(predict(cand)) >= TARGET_STEPS or _ladder(
             cand, spacing, median_shape, in_channels, num_classes, options.preset
@@ -466,9 +475,9 @@ def _fit_time(cand, spacing, median_shape, budget, options, in_channels, num_cla
     epochs = max(1, total // steps_per_epoch)
     # the validation share with the epochs actually planned
     val_per_epoch = validation_s(seconds)
-    total = int((budget - val_per_epoch * epochs) / (seconds * LOOP_OVERHEAD))
+    total = int((budget - startup[0] - val_per_epoch * epochs) / (seconds * LOOP_OVERHEAD))
     epochs = max(1, total // steps_per_epoch)
-    predicted = epochs * (steps_per_epoch * seconds * LOOP_OVERHEAD + val_per_epoch)
+    predicted = startup[0] + epochs * (steps_per_epoch * seconds * LOOP_OVERHEAD + val_per_epoch)
     record = {
         "conv_gflops": gflops,
         "conv_seconds_per_step": throughput["seconds_per_step"],
@@ -477,6 +486,7 @@ def _fit_time(cand, spacing, median_shape, budget, options, in_channels, num_cla
         "probes": probes,
         "loop_overhead": LOOP_OVERHEAD,
         "validation_s_per_epoch": val_per_epoch,
+        "tracing_s": startup[0],
     }
     why = (
         f"time budget {budget:g} s / {seconds:.3g} s per step "
@@ -486,7 +496,7 @@ def _fit_time(cand, spacing, median_shape, budget, options, in_channels, num_cla
     return cand, epochs, steps_per_epoch, predicted, record, why
 
 
-def _probe_step(cand, in_channels, num_classes, preset) -> float:
+def _probe_step(cand, in_channels, num_classes, preset, warmup_seconds=None) -> float:
     """Seconds of the candidate's real training step (built, compiled, warmed up)."""
     import keras
 
@@ -505,7 +515,7 @@ def _probe_step(cand, in_channels, num_classes, preset) -> float:
         topology=cand.topology, widths=cand.widths,
     )
     seconds = time_training_step(model, cand.patch, cand.batch, steps=3, warmup=2,
-                                 max_seconds=20.0)
+                                 max_seconds=20.0, warmup_seconds=warmup_seconds)
     del model
     keras.backend.clear_session()
     return seconds

@@ -73,6 +73,7 @@ def time_training_step(
     steps: int = 3,
     warmup: int = 2,
     max_seconds: float | None = None,
+    warmup_seconds: list | None = None,
 ) -> float:
     """Median seconds of one training step of a compiled ``model`` on synthetic batches.
 
@@ -92,6 +93,9 @@ def time_training_step(
     max_seconds : float, optional
         Stop timing once this much time was spent on timed steps (at least one step is
         always timed): on a slow machine a large candidate's probe stays short.
+    warmup_seconds : list, optional
+        Receives the warm-up's cost beyond its steps (tracing, compilation), which a
+        training run pays once too.
     """
     import keras
     import tensorflow as tf
@@ -129,4 +133,7 @@ def time_training_step(
         callbacks=[timer], verbose=0,
     )
     timed = timer.times[warmup:] or timer.times[-1:]
-    return float(statistics.median(timed))
+    median = float(statistics.median(timed))
+    if warmup_seconds is not None:
+        warmup_seconds.append(max(0.0, sum(timer.times[:warmup]) - warmup * median))
+    return median

@@ -258,11 +258,3 @@ def _norm(value):
     return value
 
 
-def model_topology(plan: ExperimentPlan):
-    """``(topology, widths)`` for :func:`medseg.models.model_from_config`."""
-    return plan.topology, plan.widths
-
-
-def describe_overrides(overrides: dict) -> str:
-    return ", ".join(f"{k}={v['used']} (planned {v['planned']})" for k, v in overrides.items())
-

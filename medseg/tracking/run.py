@@ -8,6 +8,7 @@ import math
 import platform
 import subprocess
 import tempfile
+import time
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -274,7 +275,9 @@ def run_training(
     with mlflow.start_run(**start) as run:
         # plan first: the params logged are the values the run uses (MLflow params are
         # immutable, so they cannot be logged before the plan resolves them)
+        started = time.perf_counter()
         setup = prepare_data(config)
+        prepare_s = time.perf_counter() - started
         config = setup.config or config
         mlflow.log_params(
             {k: json.dumps(v) if isinstance(v, list | dict) else v
@@ -293,6 +296,7 @@ def run_training(
         }
         mlflow.set_tags(tags)
         result = run_experiment(config, callbacks=[MlflowMetrics(), *callbacks], setup=setup)
+        result.timings["prepare_s"] = prepare_s  # planning included
         mlflow.set_tags(
             {
                 "dataset.name": setup.dataset_name,
