@@ -325,7 +325,16 @@ def test_planned_run_logs_its_plan_and_reproduce_reuses_it(tiny_data_dir, tmp_pa
     })
     result, run_id = run_training(config)
     setup = result.data
-    plan = setup.experiment_plan
+    plan = setup.experiment_plan  # as it ran: the overrides applied
+    builder = datasets.get_builder("kits_phantom", "tiny", tiny_data_dir)
+    cached = list((Path(builder.data_dir) / "plans").glob("*.json"))
+    planned = ExperimentPlan.load(cached[0])  # as planned, cached beside the dataset
+    assert (plan.epochs, plan.steps_per_epoch) == (1, 2) and planned.total_steps >= 200
+    assert plan.predicted_train_s is None  # the planned prediction is of another schedule
+    assert plan.with_values(
+        epochs=planned.epochs, steps_per_epoch=planned.steps_per_epoch,
+        predicted_train_s=planned.predicted_train_s,
+    ) == planned
     assert result.config.patch.patch_size == plan.patch_size
     assert result.config.model.name == "plain_unet" and result.config.preprocess.normalize == "ct"
     assert set(setup.overrides) == {"train.epochs", "train.steps_per_epoch"}
@@ -341,13 +350,11 @@ def test_planned_run_logs_its_plan_and_reproduce_reuses_it(tiny_data_dir, tmp_pa
     overrides = json.loads(
         Path(client.download_artifacts(run_id, "plan_overrides.json", str(tmp_path))).read_text()
     )
-    assert overrides["train.epochs"] == {"planned": plan.epochs, "used": 1}
+    assert overrides["train.epochs"] == {"planned": planned.epochs, "used": 1}
 
-    # the plan is cached beside the dataset; reproduce must not plan again: with the cache
-    # gone, a re-plan would write a new one (and time this machine anew)
-    builder = datasets.get_builder("kits_phantom", "tiny", tiny_data_dir)
-    cached = list((Path(builder.data_dir) / "plans").glob("*.json"))
-    assert cached and ExperimentPlan.load(cached[0]).probe == plan.probe
+    # reproduce must not plan again: with the cache gone, a re-plan would write a new one
+    # (and time this machine anew)
+    assert planned.probe == plan.probe
     for path in cached:
         path.unlink()
     again = reproduce(run_id, uri)

@@ -477,7 +477,13 @@ def _fit_time(cand, spacing, median_shape, budget, options, in_channels, num_cla
     val_per_epoch = validation_s(seconds)
     total = int((budget - startup[0] - val_per_epoch * epochs) / (seconds * LOOP_OVERHEAD))
     epochs = max(1, total // steps_per_epoch)
-    predicted = startup[0] + epochs * (steps_per_epoch * seconds * LOOP_OVERHEAD + val_per_epoch)
+
+    def predicted_s(n):
+        return startup[0] + n * (steps_per_epoch * seconds * LOOP_OVERHEAD + val_per_epoch)
+
+    while epochs > 1 and predicted_s(epochs) > budget:
+        epochs -= 1
+    predicted = predicted_s(epochs)
     record = {
         "conv_gflops": gflops,
         "conv_seconds_per_step": throughput["seconds_per_step"],

@@ -166,7 +166,9 @@ def _record(config, fingerprint, dataset, fingerprint_hash, modalities, topo, wi
         parameters=params,
         flops_per_step=memory.training_flops(layers, patch.batch_size),
         time_budget_s=base.time_budget_s if base else None,
-        predicted_train_s=None,
+        # the planned prediction holds only for the planned schedule
+        predicted_train_s=base.predicted_train_s if base and (train.epochs, train.steps_per_epoch)
+        == (base.epochs, base.steps_per_epoch) else None,
         probe=base.probe if base else None,
     )
     if base is None:
