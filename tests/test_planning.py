@@ -383,3 +383,22 @@ def test_medseg_plan_writes_an_explained_plan_and_refuses_a_tiny_budget(tiny_dat
     assert main(["plan", "kits_phantom", "--config", "tiny", "--data-dir", tiny_data_dir,
                  "--time-budget", "1s", "--no-probe"]) == 2
     assert "time budget 1 s is too small" in capsys.readouterr().err
+
+
+def test_low_resolution_only_where_the_patch_cannot_hold_the_structures():
+    from medseg.planning.planner import LOWRES_COVERAGE, lowres_spacing
+
+    brain = fingerprint((1.0, 1.0, 1.0), (180, 216, 180), n=1, spread=0.0)
+    small = fingerprint((3.0, 0.75, 0.75), (40, 160, 160), n=1, spread=0.0)
+    # lobes: ~4 × 10⁵ voxels each; phantom kidneys: ~10⁴
+    brain["class_voxel_counts"], brain["class_case_counts"] = [5_000_000, 400_000, 300_000], [1, 1, 1]
+    small["class_voxel_counts"], small["class_case_counts"] = [1_000_000, 12_000, 2_000], [1, 1, 1]
+    patch = (48, 56, 40)
+    spacing, why = lowres_spacing(brain, (1.0, 1.0, 1.0), (180, 216, 180), patch)
+    assert 1.5 < spacing[0] < 3.0 and len(set(spacing)) == 1 and "low resolution" in why
+    scale = np.prod(spacing)
+    # it stops once the patch holds the largest structure with room around it (or covers 25 %)
+    assert 400_000 / scale <= 0.5 * np.prod(patch) * 1.1 or (
+        np.prod(patch) / (180 * 216 * 180 / scale) >= LOWRES_COVERAGE
+    )
+    assert lowres_spacing(small, (3.0, 0.75, 0.75), (40, 160, 160), (16, 80, 64)) is None

@@ -48,6 +48,9 @@ MEMORY_FLOP_EQUIVALENT = 1000.0
 # per-epoch validation patches, callbacks; calibrated on planned runs
 LOOP_OVERHEAD = 1.18
 CPU_RAM_SHARE = 0.5  # of the available RAM, for one training process
+# part of the cache key: bump whenever a rule or constant changes what a plan would be
+PLANNER_REVISION = 3
+LOWRES_COVERAGE = 0.25  # nnU-Net: a low-resolution configuration below this patch coverage
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,7 @@ def plan_experiment(
     modalities: list[str] | tuple[str, ...],
     options: PlanOptions = PlanOptions(),
     probe: bool = True,
+    _spacing: tuple[tuple[float, ...], str] | None = None,
 ) -> ExperimentPlan:
     """Plan spacing, normalisation, patch, network, batch and training length.
 
@@ -253,7 +257,7 @@ def plan_experiment(
         modalities = (modalities[0],) * in_channels
 
     # spacing and shapes
-    spacing, why = rules.target_spacing(spacings, shapes)
+    spacing, why = _spacing or rules.target_spacing(spacings, shapes)
     decide(
         "preprocess.target_spacing", [round(s, 4) for s in spacing], why,
         spacing_median=[float(v) for v in np.median(spacings, 0)],
@@ -344,6 +348,13 @@ def plan_experiment(
             cand, spacing, median_shape, time_budget, options, in_channels, num_classes,
             fingerprint["num_cases"], probe, decide,
         )
+    if _spacing is None and tuple(cand.patch) != tuple(memory_patch):
+        coarser = lowres_spacing(fingerprint, spacing, median_shape, cand.patch)
+        if coarser is not None:
+            return plan_experiment(
+                fingerprint, dataset=dataset, fingerprint_hash=fingerprint_hash,
+                modalities=modalities, options=options, probe=probe, _spacing=coarser,
+            )
     decide("patch.patch_size", list(cand.patch),
            f"nnU-Net's start {list(start)} (aspect 1/spacing, 256³), ≤ median {list(map(round, median_shape))} "
            f"and smallest case {list(smallest)}, memory fit {list(memory_patch)}"
@@ -399,6 +410,47 @@ def plan_experiment(
     )
 
 
+def lowres_spacing(fingerprint, spacing, median_shape, patch):
+    """A coarser spacing where a time-budgeted patch cannot hold the dataset's structures.
+
+    nnU-Net adds a low-resolution configuration when the patch covers < 25 % of the median
+    case. A time budget shrinks the patch far below what memory would allow, so here the
+    spacing is coarsened (nnU-Net's increments: × 1.03, the finer axes first while any is
+    > 2 × finer than the coarsest) only while the patch also cannot hold the typical
+    structure with room around it: the largest class's mean per-case volume is above half
+    the patch. Phantom kidneys (~10⁴ voxels in a 10⁵-voxel patch) keep their resolution;
+    brain lobes (~10⁵ each) get the context they are defined by. Returns ``(spacing, why)``
+    or None; never more than 3 × the full-resolution spacing.
+    """
+    counts = np.asarray(fingerprint["class_voxel_counts"][1:], np.float64)
+    cases = np.maximum(np.asarray(fingerprint["class_case_counts"][1:], np.float64), 1)
+    original = np.median(np.asarray(fingerprint["spacings"], np.float64), 0)
+    # mean per-case volume of each class, in voxels at ``spacing``
+    structure = float((counts / cases).max()) * np.prod(original) / np.prod(spacing)
+    patch_voxels = float(np.prod(patch))
+    median_voxels = float(np.prod(median_shape))
+    full = np.asarray(spacing, np.float64)
+    current = full.copy()
+
+    def needs(s):
+        scale = np.prod(full) / np.prod(s)
+        return (patch_voxels / (median_voxels * scale) < LOWRES_COVERAGE
+                and structure * scale > 0.5 * patch_voxels)
+
+    if not needs(current):
+        return None
+    while needs(current) and (current / full).max() < 3.0:
+        ratio = current.max() / current
+        current = np.where(ratio > 2, current * 1.03, current) if (ratio > 2).any() else current * 1.03
+    why = (
+        f"low resolution for the time budget: the patch {list(patch)} covered "
+        f"{patch_voxels / median_voxels:.1%} of the median case (< {LOWRES_COVERAGE:.0%}) and "
+        f"the largest structure (~{structure:.3g} voxels per case) exceeded half of it "
+        f"(nnU-Net's 3d_lowres increments from {[round(s, 3) for s in spacing]} mm)"
+    )
+    return tuple(float(s) for s in current), why
+
+
 def _ladder(cand, spacing, median_shape, in_channels, num_classes, preset):
     """The next smaller candidate: filters down to 16, then the patch down to its floor,
     then filters down to 8; None at the end of the ladder."""
@@ -432,7 +484,7 @@ def _fit_time(cand, spacing, median_shape, budget, options, in_channels, num_cla
         work = c.flops + MEMORY_FLOP_EQUIVALENT * c.elements * c.batch
         return scale * work / (gflops * 1e9)
 
-    n_val = max(1, round(num_cases * options.validation_fraction))
+    n_val = round(num_cases * options.validation_fraction)  # 0: no per-epoch validation
 
     def validation_s(seconds_per_step):
         # per-epoch validation patches: one forward (≈ 1/3 of a step) per patch
@@ -536,7 +588,7 @@ def cache_path(directory: str | Path, dataset: str, fingerprint_hash: str, optio
     key = json.dumps(
         {"dataset": dataset, "fingerprint": fingerprint_hash, "options": options.__dict__,
          "machine": machine_id(device), "version": PLAN_VERSION,
-         "planner": [MIN_STEPS, TARGET_STEPS, LOOP_OVERHEAD, MEMORY_FLOP_EQUIVALENT]},
+         "planner": PLANNER_REVISION},
         sort_keys=True,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
