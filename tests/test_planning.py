@@ -39,6 +39,9 @@ def fingerprint(spacing, shape, n=10, classes=3, channels=1, seed=0, spread=0.1)
         "spacing_median": np.median(spacings, 0).tolist(),
         "shape_median": np.median(shapes, 0).tolist(),
         "foreground_intensity": stats,
+        # each foreground class: 1 % of every case's voxels
+        "class_voxel_counts": [0] + [int(np.prod(shapes, 1).sum() * 0.01)] * (classes - 1),
+        "class_case_counts": [n] * classes,
     }
     if channels > 1:
         fp["foreground_intensity_per_channel"] = [stats] * channels

@@ -422,6 +422,8 @@ def lowres_spacing(fingerprint, spacing, median_shape, patch):
     brain lobes (~10⁵ each) get the context they are defined by. Returns ``(spacing, why)``
     or None; never more than 3 × the full-resolution spacing.
     """
+    if not fingerprint.get("class_voxel_counts") or not fingerprint.get("class_case_counts"):
+        return None
     counts = np.asarray(fingerprint["class_voxel_counts"][1:], np.float64)
     cases = np.maximum(np.asarray(fingerprint["class_case_counts"][1:], np.float64), 1)
     original = np.median(np.asarray(fingerprint["spacings"], np.float64), 0)
