@@ -283,11 +283,13 @@ def format_plan(plan) -> str:
         f"{plan.memory_bytes / 1e9:.2f} GB of {plan.memory_budget_bytes / 1e9:.1f} GB",
     ]
     if plan.probe:
-        lines.append(
+        line = (
             f"  {plan.probe['seconds_per_step']:.3f} s/step on this machine (conv3d "
-            f"{plan.probe['conv_gflops']:.1f} GFLOP/s): training {plan.predicted_train_s:.0f} s"
-            f" of a {plan.time_budget_s:.0f} s budget"
+            f"{plan.probe['conv_gflops']:.1f} GFLOP/s)"
         )
+        if plan.predicted_train_s is not None and plan.time_budget_s is not None:
+            line += f": training {plan.predicted_train_s:.0f} s of a {plan.time_budget_s:.0f} s budget"
+        lines.append(line)
     return "\n".join(lines)
 
 

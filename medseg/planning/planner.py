@@ -613,7 +613,7 @@ def explain(plan: ExperimentPlan) -> str:
         f"{[list(k) for k in plan.kernels]}, widths {list(plan.widths)}, "
         f"{plan.parameters / 1e6:.2f} M parameters, {plan.flops_per_step / 1e9:.1f} GFLOP per step"
     )
-    if plan.probe:
+    if plan.probe and plan.predicted_train_s is not None:
         p = plan.probe
         lines.append(
             f"probe: conv3d {p['conv_gflops']:.1f} GFLOP/s, {p['seconds_per_step']:.3f} s per "

@@ -237,6 +237,9 @@ def apply_plan(
             f"{[list(s) for s in topo.strides]} at spacing {list(spacing)}): use e.g. "
             f"{list(padded)}"
         )
+    if "model.deep_supervision" not in explicit:  # the planned rule, on the stages used
+        deep = topo.num_stages >= 4
+        resolved = resolved.with_overrides({"model.deep_supervision": deep})._with_explicit(explicit)
     widths = rules.stage_widths(topo.num_stages, len(spacing), resolved.model.filters)
     run_plan = _record(
         resolved, fingerprint, plan.dataset, plan.fingerprint_hash, plan.modalities, topo,
