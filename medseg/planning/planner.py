@@ -346,7 +346,7 @@ def plan_experiment(
             time_budget = 600.0
         cand, epochs, steps, predicted, probe_record, why_steps = _fit_time(
             cand, spacing, median_shape, time_budget, options, in_channels, num_classes,
-            fingerprint["num_cases"], probe, decide,
+            fingerprint["num_cases"], probe,
         )
     if _spacing is None and tuple(cand.patch) != tuple(memory_patch):
         coarser = lowres_spacing(fingerprint, spacing, median_shape, cand.patch)
@@ -473,7 +473,7 @@ def _ladder(cand, spacing, median_shape, in_channels, num_classes, preset):
 
 
 def _fit_time(cand, spacing, median_shape, budget, options, in_channels, num_classes,
-              num_cases, probe, decide):
+              num_cases, probe):
     """Shrink ``cand`` until ``budget`` seconds buy ≥ TARGET_STEPS steps (predicted from
     the conv throughput, then confirmed by timing the real step); set epochs × steps."""
     from medseg.planning.probe import measure_conv_throughput
