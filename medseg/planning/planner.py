@@ -125,19 +125,27 @@ class _Candidate:
         )
 
 
-def _network(preset: str):
-    """(encoder blocks per stage or None, decoder convs) of a preset's architecture."""
-    if preset == "default":
+def network_parts(model: str):
+    """(encoder blocks per stage or None, decoder convs) of an architecture, for the
+    memory model: ResEnc's residual blocks and single decoder conv, else plain stages."""
+    if model != "resenc_unet":
         return None, 2
     from medseg.models.unet_variants import RESENC_BLOCKS
 
     return RESENC_BLOCKS, 1
 
 
+def resolve_device(device: str) -> str:
+    """``"auto"`` → ``"gpu"`` where TensorFlow sees one, else ``"cpu"``."""
+    if device != "auto":
+        return device
+    return "gpu" if _gpu_names() else "cpu"
+
+
 def _candidate(spacing, patch, base, batch, in_channels, num_classes, preset) -> _Candidate:
     topo, patch = rules.topology(spacing, patch)
     widths = rules.stage_widths(topo.num_stages, len(spacing), base)
-    blocks, decoder = _network(preset)
+    blocks, decoder = network_parts(PRESETS[preset])
     layers = memory.conv_layers(
         topo, widths, patch, in_channels, num_classes, encoder_blocks=blocks,
         decoder_convs=decoder,
@@ -286,9 +294,7 @@ def plan_experiment(
            if crop else "CT: air is not 0; the whole field of view is kept")
 
     # device and memory budget
-    device = options.device
-    if device == "auto":
-        device = "gpu" if _gpu_names() else "cpu"
+    device = resolve_device(options.device)
     reference = memory.REFERENCES[options.preset]
     if device == "gpu":
         gigabytes = options.gpu_memory or reference.gigabytes

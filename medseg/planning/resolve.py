@@ -19,8 +19,10 @@ from medseg.planning import memory, rules
 from medseg.planning.planner import (
     PlanOptions,
     cache_path,
+    network_parts,
     parse_duration,
     plan_experiment,
+    resolve_device,
 )
 from medseg.planning.record import Decision, ExperimentPlan, PlanError
 
@@ -74,11 +76,7 @@ def resolve_plan(
     options = plan_options(config)
     path = None
     if cache_dir is not None:
-        device = options.device
-        if device == "auto":
-            from medseg.planning.planner import _gpu_names
-
-            device = "gpu" if _gpu_names() else "cpu"
+        device = resolve_device(options.device)
         path = cache_path(cache_dir, dataset, fingerprint_hash, options, device)
         if path.is_file():
             try:
@@ -126,14 +124,10 @@ def _record(config, fingerprint, dataset, fingerprint_hash, modalities, topo, wi
     num_classes = len(fingerprint["class_names"])
     per_channel = fingerprint.get("foreground_intensity_per_channel")
     in_channels = len(per_channel) if per_channel else 1
-    blocks = None
-    if model.name == "resenc_unet":
-        from medseg.models.unet_variants import RESENC_BLOCKS
-
-        blocks = RESENC_BLOCKS
+    blocks, decoder = network_parts(model.name)
     layers = memory.conv_layers(
         topo, widths, patch.patch_size, in_channels, num_classes, encoder_blocks=blocks,
-        decoder_convs=1 if blocks else 2,
+        decoder_convs=decoder,
     )
     elements = memory.feature_map_elements(layers)
     params = memory.parameter_count(layers)
