@@ -37,10 +37,10 @@ from scipy import ndimage  # noqa: E402
 from medseg.cli import format_plan  # noqa: E402
 from medseg.config import Config  # noqa: E402
 from medseg.evaluation import score_case  # noqa: E402
-from medseg.experiment import network_stride, prepare_data, train_model  # noqa: E402
 from medseg.inference import predict_case  # noqa: E402
 from medseg.pipeline import read_cases  # noqa: E402
 from medseg.planning.planner import parse_duration  # noqa: E402
+from medseg.workflows.experiment import network_stride, prepare_data, train_model  # noqa: E402
 
 TARGET_ORIGINAL = 0.85
 TARGET_ALTERED = 0.75

@@ -125,8 +125,8 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
 
-    from medseg.experiment import prepare_data
     from medseg.pipeline import CaseTable, preprocessed_cases, training_dataset
+    from medseg.workflows.experiment import prepare_data
 
     config = miscnn_kits19_config(args)
     config = config.with_overrides({"data.validation_fraction": 0.0, "seed": args.seed})

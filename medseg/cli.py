@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -108,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--postprocessing",
         metavar="JSON",
-        help="a medseg evaluate run's postprocessing.json (largest component per class)",
+        help="a postprocessing.json to apply instead of the plan's (e.g. a medseg evaluate "
+        "run's), or 'none' to write the raw prediction",
     )
     p.add_argument("--overwrite", action="store_true", help="predict cases already written")
     p.add_argument("--tracking-uri", default=Config().tracking.tracking_uri)
@@ -330,8 +332,9 @@ def cmd_evaluate(args) -> None:
             f"std {stats['std']:9.4f}  n={stats['n']}"
         )
     if cv.postprocessing is not None:
-        kept = cv.postprocessing["keep_largest_component"]
-        print(f"postprocessing (largest component) applied to labels: {kept or 'none'}")
+        from medseg.inference.postprocess import describe_postprocessing
+
+        print(f"postprocessing: {describe_postprocessing(cv.postprocessing)}")
     print(f"MLflow run {run_id} (folds nested) in {config.tracking.tracking_uri}")
 
 
@@ -364,7 +367,7 @@ def cmd_run(args) -> None:
 
 def cmd_predict(args) -> None:
     from medseg.inference import PredictionPlan, is_model_uri, load_model_file, predict_files
-    from medseg.inference.postprocess import load_postprocessing
+    from medseg.inference.postprocess import describe_postprocessing, load_postprocessing
 
     def load(model):
         if not is_model_uri(model):
@@ -384,6 +387,13 @@ def cmd_predict(args) -> None:
             f"model {args.model[0]} does not say how it was trained: pass --plan plan.json "
             "(the plan.json artifact of its training run)"
         )
+    if args.postprocessing:
+        decision = None
+        if args.postprocessing.lower() != "none":
+            decision = load_postprocessing(args.postprocessing)
+        plan = dataclasses.replace(plan, postprocessing=decision)
+    if plan.postprocessing:
+        print(f"postprocessing: {describe_postprocessing(plan.postprocessing)}")
     models = [load(model) for model in args.model]
     written = predict_files(
         models,
@@ -395,7 +405,6 @@ def cmd_predict(args) -> None:
         weighting=args.weighting,
         mirror_axes=(0, 1, 2) if args.mirror else (),
         probabilities=args.probabilities,
-        postprocessing=load_postprocessing(args.postprocessing) if args.postprocessing else None,
         overwrite=args.overwrite,
     )
     print(f"wrote {len(written)} file(s) to {args.output}")

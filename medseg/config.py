@@ -10,20 +10,85 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import re
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 class ConfigError(ValueError):
     """A configuration key or value that medseg cannot use."""
 
 
+# The choice keys. Each value set is checked when a config is made (a file, a dict, an
+# override, a notebook parameter, a section built in Python), so a misspelt choice fails
+# before any dataset is read; the modules that act on a choice list the same values
+# (tests/test_config.py keeps them in step).
+Normalize = Literal["fingerprint", "image", "minmax", "ct", "none"]
+PatchMode = Literal["patch", "slice", "full"]
+ModelName = Literal[
+    "unet",
+    "plain_unet",
+    "residual_unet",
+    "dense_unet",
+    "multires_unet",
+    "attention_unet",
+    "attention_residual_unet",
+    "compact_unet",
+    "resenc_unet",
+]
+Normalization = Literal["instance", "batch", "none"]
+Activation = Literal["relu", "leaky_relu", "elu", "gelu", "silu"]
+Schedule = Literal["poly", "cosine", "plateau", "constant"]
+Optimizer = Literal["adam", "sgd", "adamw"]
+Precision = Literal["auto", "float32", "mixed_float16"]
+Loop = Literal["custom", "fit"]
+Strategy = Literal["auto", "default", "mirrored", "multiworker"]
+LossName = Literal[
+    "dice_ce", "dice", "classwise_dice", "jaccard", "tversky", "focal_tversky", "focal", "combo"
+]
+Weighting = Literal["gaussian", "mean"]
+Protocol = Literal["split", "kfold", "loo", "holdout", "lists"]
+Direction = Literal["maximize", "minimize"]
+Pruner = Literal["median", "none"]
+Device = Literal["auto", "cpu", "gpu"]
+Preset = Literal["default", "resenc_m", "resenc_l"]
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """``"10m"``, ``"90s"``, ``"1h30m"``, ``"2.5m"`` or a number of seconds → seconds."""
+    if text is None:
+        return None
+    if isinstance(text, int | float):
+        return float(text)
+    value = str(text).strip().lower()
+    if value in ("", "none", "null"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", value)
+    if not parts or not any(parts.groups()):
+        raise ConfigError(f"time budget {text!r}: use e.g. 10m, 90s, 1h30m or seconds")
+    h, m, s = (float(g) if g else 0.0 for g in parts.groups())
+    return h * 3600 + m * 60 + s
+
+
+class _Section:
+    """Checks a section's values when it is made, however it is made."""
+
+    def __post_init__(self):
+        _check_section(self)
+
+
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Which dataset to read, and how its cases split into training and validation."""
 
     dataset: str = "kits_phantom"
@@ -35,16 +100,16 @@ class DataConfig:
 
 
 @dataclass
-class PreprocessConfig:
+class PreprocessConfig(_Section):
     """Deterministic per-case preprocessing, done once and cached."""
 
     target_spacing: tuple[float, float, float] | None = (3.0, 1.5, 1.5)
     # "fingerprint": the dataset's foreground 0.5/99.5 percentiles; "none"; or two numbers
-    clip: str | tuple[float, float] = "fingerprint"
+    clip: Literal["fingerprint", "none"] | tuple[float, float] = "fingerprint"
     # "fingerprint": z-score with the dataset's foreground mean/std; "image": per-image z-score;
     # "minmax": per-image rescale to [0, 1]; "ct": nnU-Net's CT scheme (clip to the
     # fingerprint's 0.5/99.5 % foreground percentiles, z-score with its mean/std); "none"
-    normalize: str = "fingerprint"
+    normalize: Normalize = "fingerprint"
     # crop every case to the bounding box of image != 0 (or > crop_threshold), as nnU-Net
     crop_to_nonzero: bool = False
     crop_threshold: float | None = None
@@ -53,7 +118,7 @@ class PreprocessConfig:
 
 
 @dataclass
-class PatchConfig:
+class PatchConfig(_Section):
     """Random patch sampling for training."""
 
     patch_size: tuple[int, int, int] = (32, 64, 64)
@@ -62,7 +127,7 @@ class PatchConfig:
     foreground_share: float = 0.5
     # "patch": 3D patches; "slice": (k, H, W) slabs as 2D (H, W, k*C) inputs labelled by their
     # centre slice; "full": whole cases, padded to ≥ patch_size and a multiple of pad_multiple
-    mode: str = "patch"
+    mode: PatchMode = "patch"
     # blank-patch skipping: a patch whose foreground fraction is below this is redrawn, at
     # most max_redraws times (then the best draw is kept: no endless loop without foreground)
     min_foreground: float = 0.0
@@ -75,26 +140,23 @@ class PatchConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """The network: an architecture of medseg.models.MODELS and its size."""
 
-    # "unet" | "plain_unet" | "residual_unet" | "dense_unet" | "multires_unet" |
-    # "attention_unet" | "attention_residual_unet" | "compact_unet"
-    name: str = "unet"
+    name: ModelName = "unet"
     depth: int = 3  # resolution levels; patch sizes must be multiples of 2**(depth-1)
     filters: int = 16  # of the first level, doubled per level, capped at 320
     # nnU-Net's choice: batch statistics of 2 patches are too noisy for BatchNorm
-    normalization: str = "instance"  # "instance" | "batch" | "none"
+    normalization: Normalization = "instance"
     dropout: float = 0.0
-    # "relu" | "leaky_relu" | "elu" | "gelu" | "silu"; None: the architecture's own
-    # (leaky_relu for plain_unet, relu for the others)
-    activation: str | None = None
+    # None: the architecture's own (leaky_relu for plain_unet, relu for the others)
+    activation: Activation | None = None
     # extra softmax outputs at 1/2, 1/4, ... resolution (needs depth >= 3), nnU-Net weights
     deep_supervision: bool = False
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """Optimization, schedule, stopping, checkpoints and the distribution strategy."""
 
     epochs: int = 12
@@ -103,10 +165,10 @@ class TrainConfig:
     # "poly": nnU-Net's lr · (1 - step/total)^0.9, ending near 0; "cosine": lr · (1 + cos(π
     # step/total)) / 2; "plateau": lr times plateau_factor after plateau_patience epochs
     # without improvement of `monitor`; "constant"
-    lr_schedule: str = "poly"
+    lr_schedule: Schedule = "poly"
     plateau_factor: float = 0.5
     plateau_patience: int = 2
-    optimizer: str = "adam"  # "adam" | "sgd" (Nesterov, momentum below; nnU-Net) | "adamw"
+    optimizer: Optimizer = "adam"  # "sgd": Nesterov, momentum below (nnU-Net)
     momentum: float = 0.99  # sgd
     weight_decay: float | None = None  # decoupled; None: the optimizer's default (adamw 0.004)
     clip_norm: float | None = None  # clip the global gradient norm (over all replicas) to this
@@ -116,21 +178,21 @@ class TrainConfig:
     monitor: str = "val_loss"  # a log key; minimized if it contains "loss", else maximized
     # "auto": mixed_float16 (with loss scaling) when a GPU is present, float32 on CPU;
     # "float32"; "mixed_float16"
-    precision: str = "auto"
+    precision: Precision = "auto"
     # checkpoint (model, optimizer, epoch, history) after every epoch into this directory;
     # a run finding one there resumes from it. None: no checkpoints
     checkpoint_dir: str | None = None
     # "custom": a strategy.run training loop (any strategy); "fit": Keras fit (not
     # multi-worker, keras-team/keras#20585; clipping is then per replica)
-    loop: str = "custom"
+    loop: Loop = "custom"
     # "auto": MultiWorkerMirroredStrategy when TF_CONFIG lists several workers, else
     # MirroredStrategy over several GPUs, else none; "default" | "mirrored" | "multiworker"
-    strategy: str = "auto"
+    strategy: Strategy = "auto"
     deterministic: bool = True  # seeded, ordered input; op determinism on CPU
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(_Section):
     """Random spatial and intensity augmentation of training patches (labels follow).
 
     Defaults are nnU-Net's. Each transform has its own probability; ranges are
@@ -172,12 +234,10 @@ class AugmentConfig:
 
 
 @dataclass
-class LossConfig:
+class LossConfig(_Section):
     """The training loss (see ``medseg.models.losses``; built by ``loss_from_config``)."""
 
-    # "dice_ce" (nnU-Net's default) | "dice" | "classwise_dice" | "jaccard" | "tversky"
-    # | "focal_tversky" | "focal" | "combo"
-    name: str = "dice_ce"
+    name: LossName = "dice_ce"  # "dice_ce": nnU-Net's default
     include_background: bool = False  # whether class 0 enters the overlap (Dice-like) terms
     class_weights: tuple[float, ...] | None = None  # one per class, background first
     batch_dice: bool = True  # overlap sums pooled over the batch (nnU-Net) or per sample
@@ -194,11 +254,11 @@ class LossConfig:
 
 
 @dataclass
-class InferenceConfig:
+class InferenceConfig(_Section):
     """Sliding-window prediction of whole cases."""
 
     overlap: float = 0.5  # share of a patch overlapping its neighbour, per axis, in [0, 1)
-    weighting: str = "gaussian"  # merge of overlapping patches: "gaussian" | "mean"
+    weighting: Weighting = "gaussian"  # merge of overlapping patches
     # test-time mirroring: average over every combination of flips along these spatial
     # axes (e.g. [0, 1, 2]: 8 predictions per patch); () is off
     mirror_axes: tuple[int, ...] = ()
@@ -207,13 +267,13 @@ class InferenceConfig:
 
 
 @dataclass
-class EvaluationConfig:
+class EvaluationConfig(_Section):
     """How cases are split for validation and how predictions are scored."""
 
     # "split": data.validation_fraction of data.split held out (seeded); "kfold"; "loo"
     # (leave-one-out over every case); "holdout": train on data.split, test on test_split;
     # "lists": the explicit train_cases / test_cases of data.split
-    protocol: str = "split"
+    protocol: Protocol = "split"
     folds: int = 5
     # k-fold/LOO splits JSON, reused when present; None: <dataset dir>/splits/ (per seed)
     splits_file: str | None = None
@@ -227,7 +287,7 @@ class EvaluationConfig:
 
 
 @dataclass
-class TuneConfig:
+class TuneConfig(_Section):
     """An Optuna search over this config (``medseg tune``).
 
     Each ``space`` entry is ``section.key=KIND:ARGS``: ``log:LOW:HIGH`` (log-uniform float),
@@ -241,11 +301,11 @@ class TuneConfig:
     # what a trial returns: "val_case_dice_mean" (mean over foreground classes of the
     # whole-case validation Dice) or any metric the trial's MLflow run logs
     metric: str = "val_case_dice_mean"
-    direction: str = "maximize"  # "maximize" | "minimize"
+    direction: Direction = "maximize"
     # pruning watches this per-epoch value: "val_dice_mean" (mean of the val_dice_* metrics)
     # or any Keras log key
     prune_metric: str = "val_dice_mean"
-    pruner: str = "median"  # "median" | "none"
+    pruner: Pruner = "median"
     pruner_startup_trials: int = 5  # trials completed before any is pruned
     pruner_warmup_epochs: int = 1  # epochs a trial always gets
     storage: str = "sqlite:///mlruns/optuna.db"  # any SQLAlchemy URL (postgresql://...)
@@ -254,7 +314,7 @@ class TuneConfig:
 
 
 @dataclass
-class PlanConfig:
+class PlanConfig(_Section):
     """Self-configuration (``medseg plan``): which values the experiment plan sets.
 
     With ``mode="auto"`` the plan fitted to the dataset's fingerprint and this machine
@@ -269,13 +329,13 @@ class PlanConfig:
     # training time to fit, e.g. "10m", "90s", "1h"; None: a fixed schedule on a GPU,
     # 10 minutes on a CPU
     time_budget: str | None = None
-    device: str = "auto"  # "auto" | "cpu" | "gpu"
+    device: Device = "auto"
     gpu_memory: float | None = None  # GB; None: the preset's (default 8, resenc_l 24)
-    preset: str = "default"  # "default" (plain U-Net) | "resenc_m" | "resenc_l"
+    preset: Preset = "default"  # "default": plain U-Net; "resenc_*": residual encoder
 
 
 @dataclass
-class TrackingConfig:
+class TrackingConfig(_Section):
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
     artifact_root: str = "mlruns"
     experiment: str = "medseg"
@@ -393,6 +453,117 @@ class Config:
 # -- helpers -------------------------------------------------------------------------
 
 
+def _unit(closed_high: bool = False):
+    if closed_high:
+        return (lambda v: 0 <= v <= 1, "in [0, 1]")
+    return (lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+_POSITIVE = (lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
+_AT_LEAST_1 = (lambda v: v >= 1, "≥ 1")
+_NON_NEGATIVE = (lambda v: v >= 0 and math.isfinite(v), "a finite number ≥ 0")
+
+# value ranges, checked with the choices: (test, what is allowed); None values pass
+_RANGES: dict[str, tuple[Any, str]] = {
+    "data.validation_fraction": _unit(),
+    "preprocess.anisotropy_threshold": (lambda v: v >= 1, "≥ 1"),
+    "patch.patch_size": (lambda v: all(p >= 1 for p in v), "positive sizes"),
+    "patch.batch_size": _AT_LEAST_1,
+    "patch.foreground_share": _unit(True),
+    "patch.min_foreground": _unit(True),
+    "patch.max_redraws": (lambda v: v >= 0, "≥ 0"),
+    "patch.pad_multiple": _AT_LEAST_1,
+    "patch.validation_patches": (lambda v: v >= 0, "≥ 0"),
+    "model.depth": _AT_LEAST_1,
+    "model.filters": _AT_LEAST_1,
+    "model.dropout": _unit(),
+    "train.epochs": _AT_LEAST_1,
+    "train.steps_per_epoch": _AT_LEAST_1,
+    "train.learning_rate": _POSITIVE,
+    "train.plateau_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "train.plateau_patience": (lambda v: v >= 0, "≥ 0"),
+    "train.momentum": _unit(),
+    "train.weight_decay": _NON_NEGATIVE,
+    "train.clip_norm": _POSITIVE,
+    "train.early_stopping_patience": (lambda v: v >= 0, "≥ 0"),
+    "train.min_delta": _NON_NEGATIVE,
+    "loss.smooth": _NON_NEGATIVE,
+    "inference.overlap": _unit(),
+    "inference.batch_size": _AT_LEAST_1,
+    "evaluation.folds": (lambda v: v >= 2, "≥ 2"),
+    "evaluation.surface_tolerance_mm": _NON_NEGATIVE,
+    "evaluation.hd_percentile": (lambda v: 0 < v <= 100, "in (0, 100]"),
+    "tune.n_trials": _AT_LEAST_1,
+    "tune.timeout": _POSITIVE,
+    "tune.workers": _AT_LEAST_1,
+    "plan.gpu_memory": _POSITIVE,
+}
+_SECTION_NAMES: dict[type, str] = {}  # filled once Config is defined
+
+
+def _literal_choices(hint: Any) -> tuple[str, ...] | None:
+    """The values of a Literal field (alone or in a union), else None."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            if typing.get_origin(option) is Literal:
+                return typing.get_args(option)
+    return None
+
+
+def _choice_error(key: str, value: Any, choices: Sequence[str], also: str = "") -> str:
+    """``config key 'k': 'x' is not one of 'a', 'b'[ or ALSO]; did you mean 'a'?``"""
+    text = str(value)
+    same_case = [c for c in choices if c.lower() == text.lower()]
+    close = same_case or difflib.get_close_matches(text, list(choices), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    listed = ", ".join(repr(c) for c in choices) + (f" or {also}" if also else "")
+    return f"config key {key!r}: {value!r} is not one of {listed}{hint}"
+
+
+def _describe(hint: Any) -> str:
+    """How a non-choice type reads in an error: ``none``, ``2 numbers``, ``a number``."""
+    if hint is type(None):
+        return "none"
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        return "a list" if len(args) == 2 and args[1] is Ellipsis else f"{len(args)} numbers"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+        hint, str(hint)
+    )
+
+
+def _check_section(section: Any) -> None:
+    name = _SECTION_NAMES.get(type(section), type(section).__name__)
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        key, value = f"{name}.{f.name}", getattr(section, f.name)
+        choices = _literal_choices(hints[f.name])
+        if choices is not None and isinstance(value, str | type(None)):
+            optional = type(None) in typing.get_args(hints[f.name])
+            allowed = value in choices or (value is None and optional)
+            if not allowed:
+                raise ConfigError(_choice_error(key, value, choices))
+        rule = _RANGES.get(key)
+        if rule is not None and value is not None:
+            test, allowed = rule
+            try:
+                ok = bool(test(value))
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"config key {key!r}: {value!r} is not {allowed}")
+        probability = f.name.endswith("_probability")
+        if probability and not (isinstance(value, int | float) and 0 <= value <= 1):
+            raise ConfigError(f"config key {key!r}: {value!r} is not a probability in [0, 1]")
+    if name == "plan":
+        try:
+            parse_duration(section.time_budget)
+        except ConfigError as err:
+            raise ConfigError(f"config key 'plan.time_budget': {err}") from None
+
+
 def _given_keys(values: dict[str, Any]) -> set[str]:
     keys = set()
     for key, value in values.items() if isinstance(values, dict) else ():
@@ -456,6 +627,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ConfigError as err:
                 errors.append(str(err))
+        choices = _literal_choices(hint)
+        if choices is not None and isinstance(value, str):
+            others = [_describe(o) for o in options if typing.get_origin(o) is not Literal]
+            raise ConfigError(_choice_error(key, value, choices, " or ".join(others)))
         raise ConfigError(f"config key {key!r}: cannot use {value!r} ({'; '.join(errors)})")
     if origin is tuple:
         args = typing.get_args(hint)
@@ -472,6 +647,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if len(value) != len(args):
             raise ConfigError(f"config key {key!r}: expected {len(args)} values, got {list(value)}")
         return tuple(_coerce(v, t, key) for v, t in zip(value, args, strict=True))
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if isinstance(value, str) and value in choices:
+            return value
+        raise ConfigError(_choice_error(key, value, choices))
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -505,3 +685,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
     raise ConfigError(f"config key {key!r}: unsupported type {hint}")
+
+
+_SECTION_NAMES.update(
+    {hint: name for name, hint in typing.get_type_hints(Config).items() if name != "seed"}
+)

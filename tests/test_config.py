@@ -1,8 +1,11 @@
+import dataclasses
 import json
+import typing
 
 import pytest
 
-from medseg.config import Config, ConfigError
+from medseg.cli import main
+from medseg.config import Config, ConfigError, _literal_choices
 
 
 def test_overrides_parse_each_field_type():
@@ -80,3 +83,101 @@ def test_flat_dict_has_every_leaf_once():
     nested = Config().to_dict()
     n_leaves = sum(len(v) if isinstance(v, dict) else 1 for v in nested.values())
     assert len(flat) == n_leaves
+
+
+# -- choices and ranges, checked when a config is made ---------------------------------
+
+CHOICE_KEYS = {
+    f"{section}.{f.name}": choices
+    for section, hint in typing.get_type_hints(Config).items()
+    if dataclasses.is_dataclass(hint)
+    for f in dataclasses.fields(hint)
+    if (choices := _literal_choices(typing.get_type_hints(hint)[f.name])) is not None
+}
+
+
+def test_every_choice_key_is_a_literal():
+    # the keys whose misspelling used to fail only when used (after training, some)
+    assert {
+        "preprocess.normalize", "preprocess.clip", "patch.mode", "model.name",
+        "model.normalization", "model.activation", "train.lr_schedule", "train.optimizer",
+        "train.precision", "train.loop", "train.strategy", "loss.name", "inference.weighting",
+        "evaluation.protocol", "tune.direction", "tune.pruner", "plan.device", "plan.preset",
+    } == set(CHOICE_KEYS)
+
+
+@pytest.mark.parametrize("key", sorted(CHOICE_KEYS))
+def test_an_invalid_choice_fails_before_any_dataset_is_read(key, tmp_path, capsys):
+    choices = CHOICE_KEYS[key]
+    with pytest.raises(ConfigError) as err:
+        Config().with_overrides({key: "bogus"})
+    message = str(err.value)
+    assert f"config key {key!r}: 'bogus' is not one of" in message
+    assert all(repr(c) in message for c in choices)
+    # a near miss is named
+    near = choices[0][:-1] + choices[0][-1].upper()
+    with pytest.raises(ConfigError, match=f"did you mean {choices[0]!r}"):
+        Config().with_overrides([f"{key}={near}"])
+    # the CLI refuses it before it reads or builds a dataset
+    data_dir = tmp_path / "tfds"
+    assert main(["train", f"{key}=bogus", f"data.data_dir={data_dir}"]) == 2
+    assert f"config key {key!r}: 'bogus' is not one of" in capsys.readouterr().err
+    assert not data_dir.exists()
+    # and so does a section made directly in Python
+    section, name = key.split(".")
+    section_type = typing.get_type_hints(Config)[section]
+    with pytest.raises(ConfigError, match=f"config key {key!r}"):
+        section_type(**{name: "bogus"})
+
+
+def test_config_choices_are_the_ones_the_modules_implement():
+    from medseg.evaluation.protocols import PROTOCOLS
+    from medseg.models import MODELS
+    from medseg.models.blocks import ACTIVATIONS
+    from medseg.models.blocks import NORMALIZATIONS as LAYER_NORMS
+    from medseg.models.losses import LOSSES
+    from medseg.pipeline.dataset import PATCH_MODES
+    from medseg.pipeline.preprocess import NORMALIZATIONS
+    from medseg.planning.planner import DEVICES, PRESETS
+    from medseg.training.optimization import OPTIMIZERS, SCHEDULES
+    from medseg.training.strategy import STRATEGIES
+    from medseg.training.trainer import LOOPS, PRECISIONS
+
+    implemented = {
+        "evaluation.protocol": PROTOCOLS, "model.name": tuple(MODELS),
+        "model.activation": ACTIVATIONS, "model.normalization": LAYER_NORMS,
+        "loss.name": tuple(LOSSES), "patch.mode": PATCH_MODES,
+        "preprocess.normalize": NORMALIZATIONS, "plan.device": DEVICES,
+        "plan.preset": tuple(PRESETS), "train.optimizer": OPTIMIZERS,
+        "train.lr_schedule": SCHEDULES, "train.strategy": STRATEGIES, "train.loop": LOOPS,
+        "train.precision": PRECISIONS,
+    }
+    for key, values in implemented.items():
+        assert set(CHOICE_KEYS[key]) == set(values), key
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.learning_rate=nan", "'train.learning_rate': nan is not a finite number > 0"),
+        ("train.learning_rate=-1e-3", "'train.learning_rate': -0.001 is not a finite number > 0"),
+        ("train.epochs=0", "'train.epochs': 0 is not ≥ 1"),
+        ("inference.overlap=1", "'inference.overlap': 1.0 is not in [0, 1)"),
+        ("data.validation_fraction=1.5", "'data.validation_fraction': 1.5 is not in [0, 1)"),
+        ("augment.noise_probability=1.2", "'augment.noise_probability': 1.2 is not a probability"),
+        ("evaluation.folds=1", "'evaluation.folds': 1 is not ≥ 2"),
+        ("patch.patch_size=0,64,64", "'patch.patch_size': (0, 64, 64) is not positive sizes"),
+        ("plan.time_budget=ten", "'plan.time_budget': time budget 'ten'"),
+    ],
+)
+def test_out_of_range_values_are_named(override, message):
+    with pytest.raises(ConfigError) as err:
+        Config().with_overrides([override])
+    assert message in str(err.value)
+
+
+def test_optional_choices_take_none_and_unions_keep_their_other_types():
+    config = Config().with_overrides(["model.activation=none", "preprocess.clip=-100,200"])
+    assert config.model.activation is None and config.preprocess.clip == (-100.0, 200.0)
+    with pytest.raises(ConfigError, match=r"'fingerprint', 'none' or 2 numbers"):
+        Config().with_overrides(["preprocess.clip=fingerprnt"])

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from medseg.evaluation.cross_validation import make_folds, splits_path
-from medseg.experiment import prepare_data
+from medseg.workflows.cross_validation import make_folds, splits_path
+from medseg.workflows.experiment import prepare_data
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +64,15 @@ def test_evaluate_command_checks_the_protocol_first(tmp_path, capsys, monkeypatc
     assert main(["evaluate", "--print-config", "evaluation.protocol=loo"]) == 0
     assert json.loads(capsys.readouterr().out)["evaluation"]["protocol"] == "loo"
     assert main(["evaluate", "evaluation.protocol=bootstrap"]) == 2
-    assert "evaluation.protocol='bootstrap' is not one of split" in capsys.readouterr().err
+    assert "config key 'evaluation.protocol': 'bootstrap' is not one of 'split'" in (
+        capsys.readouterr().err
+    )
     assert list(tmp_path.iterdir()) == []  # no MLflow store was created
 
 
 @pytest.mark.slow
 def test_two_fold_cross_validation_logs_nested_runs(tiny_config, tmp_path, monkeypatch):
-    import medseg.tracking.evaluation as tracking_evaluation
+    import medseg.workflows.cross_validation as cross_validation
     from medseg.inference import predict_case
     from medseg.pipeline import read_cases
     from medseg.tracking.evaluation import fold_model_uris, load_fold_models, run_evaluation
@@ -152,13 +154,13 @@ def test_two_fold_cross_validation_logs_nested_runs(tiny_config, tmp_path, monke
     # an interrupted evaluation resumes: fold_1's run failed, so only fold_1 is trained again
     fold_1 = next(c for c in children if c.data.tags["medseg.fold"] == "fold_1")
     client.set_terminated(fold_1.info.run_id, "FAILED")
-    trained, original = [], tracking_evaluation.run_fold
+    trained, original = [], cross_validation.run_fold
 
     def run_fold(config, setup, fold, callbacks=()):
         trained.append(fold.name)
         return original(config, setup, fold, callbacks)
 
-    monkeypatch.setattr(tracking_evaluation, "run_fold", run_fold)
+    monkeypatch.setattr(cross_validation, "run_fold", run_fold)
     resumed, same_id = run_evaluation(config, resume_run_id=parent_id)
     assert same_id == parent_id and trained == ["fold_1"]
     # fold_0's per-case scores and postprocessing scores read back exactly (NaNs included)
@@ -172,8 +174,8 @@ def test_two_fold_cross_validation_logs_nested_runs(tiny_config, tmp_path, monke
             [after[case_id].scores[k] for k in keys], [case.scores[k] for k in keys]
         )
         assert sorted(after[case_id].postprocessing) == sorted(case.postprocessing)
-        for label, pair in case.postprocessing.items():
-            np.testing.assert_array_equal(after[case_id].postprocessing[label], pair)
+        for label, table in case.postprocessing.items():
+            assert after[case_id].postprocessing[label] == table
     assert len(resumed.models) == 2
     assert len(fold_model_uris(parent_id, config.tracking.tracking_uri)) == 2
     with pytest.raises(ValueError, match=r"config differs in train.epochs \('1' -> '2'\)"):

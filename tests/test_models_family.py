@@ -329,8 +329,8 @@ def test_model_from_config_passes_every_field():
     plain = model_from_config(ModelConfig(name="plain_unet", depth=2, filters=2), 2, 1, 3)
     assert isinstance(plain.get_layer("enc0_act1"), keras.layers.LeakyReLU)
     assert len(plain.outputs) == 1
-    with pytest.raises(ValueError, match="unknown model 'vnet'"):
-        model_from_config(ModelConfig(name="vnet"), 2, 1, 3)
+    with pytest.raises(ValueError, match="'model.name': 'vnet' is not one of 'unet'"):
+        ModelConfig(name="vnet")  # refused when the config is made
 
 
 def test_model_config_overrides_from_strings():

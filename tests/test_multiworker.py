@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_resume import finish, launch, saved_weights
 
-from medseg.experiment import prepare_data, train_model
+from medseg.workflows.experiment import prepare_data, train_model
 
 
 def free_ports(n):

@@ -1,4 +1,4 @@
-"""Largest-component postprocessing and nnU-Net's per-class decision rule."""
+"""Component postprocessing (largest component, minimum volume) and its per-class decision."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ import pytest
 from scipy import ndimage
 
 from medseg.inference.postprocess import (
+    Components,
     apply_postprocessing,
+    component_tables,
     decide_postprocessing,
+    describe_postprocessing,
+    drop_small_components,
     keep_largest_component,
     load_postprocessing,
-    postprocessing_scores,
     save_postprocessing,
 )
 
@@ -75,51 +78,134 @@ def test_keep_largest_component_matches_flood_fill_reference():
         components, _ = ndimage.label(labels, np.ones((3, 3, 3)))
         kept = np.unique(components[cleaned == 1])
         assert len(kept) == 1 and np.count_nonzero(components == kept[0]) == want.sum()
-        # the scores used for the decision are the Dice of these masks
+        # the component table gives the Dice of these masks for both rules
         truth = (rng.random(labels.shape) < 0.1).astype(np.uint8)
-        before, after = postprocessing_scores(labels, truth, [1])[1]
-        assert before == pytest.approx(dice(labels == 1, truth == 1))
-        assert after == pytest.approx(dice(cleaned == 1, truth == 1))
+        table = component_tables(labels, truth, [1])[1]
+        assert table.dice() == pytest.approx(dice(labels == 1, truth == 1))
+        assert table.dice(table.largest()) == pytest.approx(dice(cleaned == 1, truth == 1))
 
 
-def two_component_case(stray_is_true):
-    """Truth and prediction: one big kidney, plus a small blob predicted away from it
-    that the truth does (or does not) contain."""
+def test_drop_small_components_and_its_table_match_scipy():
+    rng = np.random.default_rng(5)
+    labels = (rng.random((6, 7, 8)) < 0.15).astype(np.uint8) * rng.integers(1, 3, (6, 7, 8))
+    truth = (rng.random(labels.shape) < 0.2).astype(np.uint8)
+    spacing = (2.0, 0.5, 1.5)  # 1.5 mm³ voxels
+    for c, limit in ((1, 3), (2, 2)):
+        cleaned = drop_small_components(labels, {c: limit})
+        components, n = ndimage.label(labels == c, np.ones((3, 3, 3)))
+        sizes = ndimage.sum_labels(np.ones_like(components), components, range(1, n + 1))
+        want = np.isin(components, 1 + np.flatnonzero(sizes >= limit))
+        np.testing.assert_array_equal(cleaned == c, want)
+        other = 3 - c
+        np.testing.assert_array_equal(cleaned == other, labels == other)  # untouched
+        table = component_tables(labels, truth * c, [c], spacing)[c]
+        assert sorted(table.sizes) == sorted(int(v) for v in sizes)
+        assert table.voxel_mm3 == pytest.approx(1.5)
+        # the threshold in mm³ is the voxel limit times the voxel volume
+        kept = table.dice(table.at_least(limit * 1.5))
+        assert kept == pytest.approx(dice(want, truth == 1))
+        assert Components.from_dict(json.loads(json.dumps(table.to_dict()))) == table
+
+
+def two_component_case(stray_is_true, stray=(slice(6, 8), slice(7, 9), slice(7, 9))):
+    """Truth and prediction: one big kidney (64 voxels), plus a blob predicted away from
+    it that the truth does (or does not) contain."""
     truth = np.zeros((8, 10, 10), np.uint8)
     truth[1:5, 1:5, 1:5] = 1
     pred = truth.copy()
-    pred[6:8, 7:9, 7:9] = 1
+    pred[stray] = 1
     if stray_is_true:
-        truth[6:8, 7:9, 7:9] = 1
+        truth[stray] = 1
     return pred, truth
 
 
+def tumour_case(tumour, false_tumour=False):
+    """A kidney with (or without) a true tumour predicted exactly, and optionally an 8-voxel
+    false tumour elsewhere."""
+    truth = np.zeros((12, 12, 12), np.uint8)
+    truth[1:9, 1:9, 1:9] = 1
+    if tumour:
+        truth[2:6, 2:6, 2:6] = 2  # 64 voxels
+    pred = truth.copy()
+    if false_tumour:
+        pred[9:11, 9:11, 9:11] = 2
+    return pred, truth
+
+
+def test_a_small_false_structure_on_a_case_without_the_class_is_dropped_by_volume():
+    # a third of the cases tumour-free, one of them with a small false tumour: keeping
+    # the largest component cannot remove it, a volume threshold can
+    cases = [tumour_case(True), tumour_case(True), tumour_case(False, false_tumour=True)]
+    spacing = (1.0, 2.0, 2.0)  # 4 mm³ voxels: false tumour 32 mm³, true ones 256 mm³
+    tables = [component_tables(p, t, [1, 2], spacing) for p, t in cases]
+    assert [t[2].dice() for t in tables] == [1.0, 1.0, 0.0]
+    decision = decide_postprocessing(tables, ["background", "kidney", "tumour"])
+    tumour = decision["classes"][2]
+    assert tumour["rule"] == "min_volume" and tumour["name"] == "tumour"
+    assert tumour["dice_before"] == pytest.approx(2 / 3) and tumour["dice_after"] == 1.0
+    # between the false (32) and the true (256) volume, at most half the smallest true one
+    assert decision["min_component_mm3"] == {2: pytest.approx(math.sqrt(32 * 256))}
+    assert decision["keep_largest_component"] == [] and not decision["classes"][1]["apply"]
+    pred, truth = cases[2]
+    np.testing.assert_array_equal(apply_postprocessing(pred, decision, spacing), truth)
+    with pytest.raises(ValueError, match="spacing is needed"):
+        apply_postprocessing(pred, decision)
+    assert "tumour: drop components < 91 mm³ (Dice 0.667 → 1.000" in describe_postprocessing(
+        decision
+    )
+
+    # a false tumour larger than half the smallest true one is out of the threshold's reach
+    big = tumour_case(False)
+    big[0][9:12, 9:12, 0:6] = 2  # 54 voxels = 216 mm³ > 256 / 2
+    tables = [component_tables(p, t, [2], spacing) for p, t in [*cases[:2], big]]
+    assert decide_postprocessing(tables)["classes"][2]["rule"] == "none"
+    # a class no validation case has: nothing says how large it may be, no rule
+    tables = [component_tables(*tumour_case(False, false_tumour=True), [2], spacing)]
+    assert decide_postprocessing(tables)["min_component_mm3"] == {}
+
+
 def test_decision_applies_only_when_it_improves_the_metric():
-    # stray components are false positives: removing them raises Dice -> apply
-    cases = [postprocessing_scores(*two_component_case(False), [1, 2]) for _ in range(2)]
-    before, after = cases[0][1]
-    assert before == pytest.approx(2 * 64 / (72 + 64)) and after == 1.0
-    assert math.isnan(cases[0][2][0])  # tumour absent from both
+    # a small stray false positive: a volume threshold removes it (the milder rule wins
+    # the tie with keeping the largest component)
+    cases = [component_tables(*two_component_case(False), [1, 2]) for _ in range(2)]
+    assert cases[0][1].dice() == pytest.approx(2 * 64 / (72 + 64))
+    assert cases[0][2].dice() == 1.0  # tumour absent from both
     decision = decide_postprocessing(cases, ["background", "kidney", "tumor"])
-    assert decision["keep_largest_component"] == [1]
-    assert decision["classes"][1]["name"] == "kidney"
-    assert decision["classes"][1]["apply"] and not decision["classes"][2]["apply"]
+    assert decision["classes"][1]["rule"] == "min_volume"
+    assert decision["classes"][1]["name"] == "kidney" and decision["classes"][1]["apply"]
+    assert not decision["classes"][2]["apply"]
 
-    # the second component is real: removing it lowers Dice -> do not apply
-    cases = [postprocessing_scores(*two_component_case(True), [1]) for _ in range(2)]
-    assert cases[0][1] == (1.0, pytest.approx(2 * 64 / (64 + 72)))
-    assert decide_postprocessing(cases)["keep_largest_component"] == []
+    # a false positive too large for the threshold (40 > 64 / 2 voxels): keep the largest
+    stray = (slice(5, 8), slice(6, 10), slice(6, 10))  # 48 voxels
+    cases = [component_tables(*two_component_case(False, stray), [1]) for _ in range(2)]
+    decision = decide_postprocessing(cases)
+    assert decision["keep_largest_component"] == [1] and decision["min_component_mm3"] == {}
+    pred, truth = two_component_case(False, stray)
+    np.testing.assert_array_equal(apply_postprocessing(pred, decision), truth)
 
-    # mixed: it helps one case a little and hurts another more -> the mean decides, no
-    mixed = [{1: (0.8, 0.85)}, {1: (0.9, 0.7)}]
-    assert decide_postprocessing(mixed)["keep_largest_component"] == []
-    # a tie keeps the raw prediction
-    assert decide_postprocessing([{1: (0.8, 0.8)}])["keep_largest_component"] == []
+    # the second component is real: removing it lowers Dice -> no rule
+    cases = [component_tables(*two_component_case(True), [1]) for _ in range(2)]
+    assert cases[0][1].dice() == 1.0
+    assert cases[0][1].dice(cases[0][1].largest()) == pytest.approx(2 * 64 / (64 + 72))
+    decision = decide_postprocessing(cases)
+    assert decision["classes"][1]["rule"] == "none" and decision["keep_largest_component"] == []
+    assert describe_postprocessing(decision) == "none (no rule raised the validation Dice)"
+
+    # keeping the largest helps one case (a 40-voxel false blob) less than it hurts
+    # another (a real 48-voxel one) -> the mean decides, no rule
+    helped = component_tables(
+        *two_component_case(False, (slice(6, 8), slice(5, 10), slice(6, 10))), [1]
+    )
+    hurt = component_tables(*two_component_case(True, stray), [1])
+    gain = helped[1].dice(helped[1].largest()) - helped[1].dice()
+    loss = hurt[1].dice() - hurt[1].dice(hurt[1].largest())
+    assert 0 < gain < loss
+    assert decide_postprocessing([helped, hurt])["classes"][1]["rule"] == "none"
 
 
 def test_apply_postprocessing_and_json_round_trip(tmp_path):
-    pred, truth = two_component_case(False)
-    cases = [postprocessing_scores(pred, truth, [1])]
+    pred, truth = two_component_case(False, (slice(5, 8), slice(6, 10), slice(6, 10)))
+    cases = [component_tables(pred, truth, [1])]
     path = save_postprocessing(decide_postprocessing(cases), tmp_path / "pp" / "decision.json")
     decision = load_postprocessing(path)
     assert json.loads(path.read_text())["keep_largest_component"] == [1]
@@ -130,4 +216,7 @@ def test_apply_postprocessing_and_json_round_trip(tmp_path):
         apply_postprocessing(pred, {"classes": {}})
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="bad.json"):
+        load_postprocessing(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text('{"keep_largest_component": [], "min_component_mm3": [3]}')
+    with pytest.raises(ValueError, match="bad.json: 'min_component_mm3' must map"):
         load_postprocessing(tmp_path / "bad.json")

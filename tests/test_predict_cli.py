@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -284,7 +285,8 @@ def test_model_uris_are_told_from_paths(tmp_path):
 
 
 def test_postprocessing_decision_keeps_the_largest_component(tmp_path):
-    """``--postprocessing`` applies a cross-validation's decision to what is written."""
+    """The plan's postprocessing decision (or a cross-validation's put in its place)
+    is applied to what is written; it survives the plan's JSON round trip."""
     image = np.zeros((8, 24, 24), np.int16)
     image[2:6, 2:12, 2:12] = 100  # a large "kidney"
     image[3:5, 18:21, 18:21] = 100  # a small false positive
@@ -306,18 +308,36 @@ def test_postprocessing_decision_keeps_the_largest_component(tmp_path):
     np.testing.assert_array_equal(raw, image > 50)
     decision = tmp_path / "postprocessing.json"
     decision.write_text(json.dumps({"keep_largest_component": [1]}))
+    planned = dataclasses.replace(plan, postprocessing=load_postprocessing(decision))
+    planned.save(tmp_path / "planned.json")
     written = predict_files(
         threshold,
-        plan,
+        PredictionPlan.from_file(tmp_path / "planned.json"),
         [tmp_path / "case.nii.gz"],
         tmp_path / "post",
-        postprocessing=load_postprocessing(decision),
         log=None,
     )
     post = np.asarray(nib.load(written[0]).dataobj)
     expected = np.zeros_like(raw)
     expected[2:6, 2:12, 2:12] = 1
     np.testing.assert_array_equal(post, expected)
+    # a volume rule in mm³: the file's 2 mm voxels make the 18-voxel blob 144 mm³
+    nib.save(nib.Nifti1Image(image, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "big.nii.gz")
+    by_volume = dataclasses.replace(
+        plan, postprocessing={"keep_largest_component": [], "min_component_mm3": {"1": 150.0}}
+    )
+    written = predict_files(threshold, by_volume, [tmp_path / "big.nii.gz"], tmp_path / "vol", log=None)
+    np.testing.assert_array_equal(np.asarray(nib.load(written[0]).dataobj), expected)
+    by_volume = dataclasses.replace(
+        plan, postprocessing={"keep_largest_component": [], "min_component_mm3": {"1": 140.0}}
+    )
+    written = predict_files(threshold, by_volume, [tmp_path / "big.nii.gz"], tmp_path / "v2", log=None)
+    np.testing.assert_array_equal(np.asarray(nib.load(written[0]).dataobj), raw)
+    bad = {**plan.to_dict(), "postprocessing": {"keep_largest_component": [1],
+                                                 "min_component_mm3": {"1": -5}}}
+    (tmp_path / "bad_plan.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"bad_plan.json: 'postprocessing': 'min_component_mm3'"):
+        PredictionPlan.from_file(tmp_path / "bad_plan.json")
     with pytest.raises(ValueError, match="has no 'keep_largest_component' list"):
         (tmp_path / "bad.json").write_text("{}")
         load_postprocessing(tmp_path / "bad.json")

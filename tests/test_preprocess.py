@@ -97,8 +97,8 @@ def test_plan_errors_are_clear():
         plan_preprocessing(PreprocessConfig(), {"foreground_intensity": None})
     with pytest.raises(ValueError, match="lower bound must be below upper"):
         plan_preprocessing(PreprocessConfig(clip=(10, -10)), FINGERPRINT)
-    with pytest.raises(ValueError, match="normalize='cubic': use one of fingerprint, image"):
-        plan_preprocessing(PreprocessConfig(normalize="cubic"), FINGERPRINT)
+    with pytest.raises(ValueError, match="'preprocess.normalize': 'cubic' is not one of 'fingerprint'"):
+        PreprocessConfig(normalize="cubic")  # refused when the config is made
     with pytest.raises(ValueError, match="normalize='ct' clips to the fingerprint's percentiles"):
         plan_preprocessing(PreprocessConfig(normalize="ct", clip=(-79, 304)), FINGERPRINT)
     with pytest.raises(ValueError, match="anisotropy_threshold=1.0 must be above 1"):

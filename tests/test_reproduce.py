@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 from medseg import datasets
 from medseg.config import Config, ConfigError, TrackingConfig
 from medseg.tracking import git_state
+from medseg.tracking.lineage import package_versions
 from medseg.tracking.reproduce import lineage_differences, recorded_config
-from medseg.tracking.run import package_versions
 from medseg.tracking.store import configure
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medseg.experiment import checkpoint_directory
 from medseg.training import latest_checkpoint
+from medseg.workflows.experiment import checkpoint_directory
 
 WORKER = Path(__file__).with_name("train_worker.py")
 TIMEOUT = 240  # seconds a worker may take before the test fails instead of hanging

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from medseg.inference.postprocess import decide_postprocessing
 from medseg.tracking import resolve_tracking_uri, run_training
+from medseg.tracking.model import load_plan
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +73,21 @@ def test_run_artifacts_read_back(logged_run):
     assert len(Path(history).read_text().splitlines()) == 3  # header + 2 epochs
     # artifacts live under the configured store folder
     assert any(Path(store, "artifacts").rglob("learning_curve.png"))
+
+
+def test_postprocessing_decided_on_validation_travels_in_the_plan(logged_run):
+    config, result, run_id, _ = logged_run
+    mlflow.set_tracking_uri(config.tracking.tracking_uri)
+    decision = decide_postprocessing([c.postprocessing for c in result.cases], result.data.class_names)
+    assert sorted(decision["classes"]) == [1, 2] and len(result.cases) > 0
+    expected = json.loads(json.dumps(decision))
+    for name in ("plan.json", "evaluation/postprocessing.json"):
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name)
+        logged = json.loads(Path(path).read_text())
+        assert (logged["postprocessing"] if name == "plan.json" else logged) == expected
+    # medseg predict --model runs:/... reads it with the plan
+    plan = load_plan(f"runs:/{run_id}/model", config.tracking.tracking_uri)
+    assert plan.postprocessing == expected
 
 
 def test_logged_model_loads_from_the_sqlite_store_and_predicts(logged_run):

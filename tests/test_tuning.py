@@ -65,13 +65,13 @@ def test_space_entries_become_optuna_distributions_over_config_keys():
 
 def test_space_from_the_command_line_form():
     config = Config().with_overrides(
-        ["tune.space=model.name=cat:unet|plain,train.learning_rate=log:1e-4:1e-2"]
+        ["tune.space=model.name=cat:unet|plain_unet,train.learning_rate=log:1e-4:1e-2"]
     )
-    assert config.tune.space == ("model.name=cat:unet|plain", "train.learning_rate=log:1e-4:1e-2")
+    assert config.tune.space == ("model.name=cat:unet|plain_unet", "train.learning_rate=log:1e-4:1e-2")
     (name, lr) = parse_space(config.tune.space)
-    assert name.choices == ("unet", "plain")
+    assert name.choices == ("unet", "plain_unet")
     assert (lr.kind, lr.low, lr.high) == ("log", 1e-4, 1e-2)
-    assert parse_param("train.learning_rate=cat:0|0.03").choices == (0, 0.03)
+    assert parse_param("train.learning_rate=cat:0.001|0.03").choices == (0.001, 0.03)
 
 
 @pytest.mark.parametrize(
@@ -164,9 +164,10 @@ def test_two_workers_share_one_study_every_trial_a_nested_run(tiny_config, tmp_p
             "tracking.log_model": False,
             "tune.storage": f"sqlite:///{tmp_path}/optuna.db",
             "tune.study_name": "shared",
-            # lr 0 never learns: such trials fall below any completed trial and are pruned;
+            # lr 1e-9 never learns (0 is refused): such trials fall below any completed
+            # trial and are pruned;
             # depth 5 does not fit 8x16x16 patches: such trials fail
-            "tune.space": ["train.learning_rate=cat:0.0|0.03", "model.depth=cat:2|5"],
+            "tune.space": ["train.learning_rate=cat:1e-9|0.03", "model.depth=cat:2|5"],
             "tune.n_trials": 6,
             "tune.pruner_startup_trials": 1,
             "tune.pruner_warmup_epochs": 0,
@@ -175,7 +176,7 @@ def test_two_workers_share_one_study_every_trial_a_nested_run(tiny_config, tmp_p
     study = open_study(config)
     # the first five trials are fixed; the workers take queued trials in order, so trials
     # 2 and 3 start only once trial 0 or 1 has completed
-    for lr, depth in [(0.03, 2), (0.03, 2), (0.0, 2), (0.0, 2), (0.03, 5)]:
+    for lr, depth in [(0.03, 2), (0.03, 2), (1e-9, 2), (1e-9, 2), (0.03, 5)]:
         study.enqueue_trial({"train.learning_rate": lr, "model.depth": depth})
     best_path = tmp_path / "best.json"
     result = tune(config, workers=2, best_config=best_path)

@@ -49,7 +49,7 @@ def main() -> None:
         result, run_id = run_training(config, callbacks=callbacks)
         model, history = result.model, result.history
     else:
-        from medseg.experiment import prepare_data, train_model
+        from medseg.workflows.experiment import prepare_data, train_model
 
         model, history = train_model(config, prepare_data(config), callbacks)
     np.savez(args.weights, **{f"w{i:04d}": w for i, w in enumerate(model.get_weights())})

@@ -1,7 +1,7 @@
 """Per-case metrics, evaluation protocols and visual reports of segmentations.
 
-:mod:`medseg.evaluation.cross_validation` (training a model per fold) is imported on its own:
-it builds on :mod:`medseg.experiment`, which itself uses the metrics here.
+:mod:`medseg.workflows.cross_validation` (training a model per fold) is imported on its own:
+it builds on :mod:`medseg.workflows.experiment`, which itself uses the metrics here.
 """
 
 from medseg.evaluation.metrics import (

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import keras
 import numpy as np
@@ -126,7 +125,6 @@ def predict_files(
     weighting: str = "gaussian",
     mirror_axes: Sequence[int] = (),
     probabilities: bool = False,
-    postprocessing: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> list[Path]:
@@ -136,7 +134,9 @@ def predict_files(
     ----------
     model : keras.Model or callable, or a list of them (an ensemble)
     plan : PredictionPlan
-        Preprocessing, window size, stride and classes of the model(s).
+        Preprocessing, window size, stride and classes of the model(s), and the
+        postprocessing applied to each label map (replace it with
+        ``dataclasses.replace(plan, postprocessing=...)``, e.g. by a cross-validation's).
     inputs : sequence of path
         See :func:`find_inputs`.
     output_dir : path
@@ -145,9 +145,6 @@ def predict_files(
         See :func:`~medseg.inference.predict_sliding_window`.
     probabilities : bool, optional
         Also write ``<case>_prob.nii.gz``.
-    postprocessing : dict, optional
-        A cross-validation's decision (:func:`~medseg.inference.postprocess.load_postprocessing`,
-        the ``postprocessing.json`` of a ``medseg evaluate`` run), applied to each label map.
     overwrite : bool, optional
         Predict cases whose outputs exist already (by default they are skipped, so an
         interrupted run resumes).
@@ -189,7 +186,7 @@ def predict_files(
             stride=plan.stride,
             probabilities=probabilities,
         )
-        labels = apply_postprocessing(labels, postprocessing)
+        labels = apply_postprocessing(labels, plan.postprocessing, record.spacing)
         outputs = [(seg_path, labels)]
         if probabilities:
             outputs.append((prob_path, probs))

@@ -4,7 +4,8 @@ A saved model holds weights and layers only. Predicting new images with it also 
 preprocessing it was trained with, the window (training patch) size, the network's stride
 and the class names. Training writes them together as ``plan.json``: the
 :class:`~medseg.pipeline.PreprocessPlan`'s keys (so ``PreprocessPlan.from_dict`` reads the
-file as before) plus ``class_names``, ``patch_size`` and ``stride``.
+file as before) plus ``class_names``, ``patch_size``, ``stride`` and the ``postprocessing``
+decided from the run's validation cases.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +37,25 @@ class PredictionPlan:
     stride : int, tuple of int or None
         The network's total down-sampling factor, one int or one per axis (full-image
         mode pads to a multiple of it); None pads small images to a whole patch instead.
+    postprocessing : dict or None
+        A :func:`~medseg.inference.postprocess.decide_postprocessing` decision applied to
+        every predicted label map; None applies none.
     """
 
     preprocess: PreprocessPlan
     class_names: tuple[str, ...]
     patch_size: tuple[int, ...]
     stride: int | tuple[int, ...] | None = None
+    postprocessing: dict[str, Any] | None = field(default=None, compare=False)
 
     @classmethod
     def from_config(
-        cls, config, preprocess: PreprocessPlan, class_names: Sequence[str], stride=None
+        cls,
+        config,
+        preprocess: PreprocessPlan,
+        class_names: Sequence[str],
+        stride=None,
+        postprocessing: dict[str, Any] | None = None,
     ) -> PredictionPlan:
         """The plan of a model trained with ``config`` (a :class:`~medseg.config.Config`);
         ``stride`` (the experiment plan's) defaults to ``2**(model.depth - 1)``."""
@@ -58,6 +68,7 @@ class PredictionPlan:
             class_names=tuple(class_names),
             patch_size=tuple(int(p) for p in config.patch.patch_size),
             stride=stride if isinstance(stride, int) else tuple(int(s) for s in stride),
+            postprocessing=postprocessing,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,6 +78,7 @@ class PredictionPlan:
             "patch_size": list(self.patch_size),
             "stride": self.stride if self.stride is None or isinstance(self.stride, int)
             else list(self.stride),
+            **({"postprocessing": self.postprocessing} if self.postprocessing else {}),
         }
 
     @classmethod
@@ -107,7 +119,12 @@ class PredictionPlan:
             raise ValueError(
                 f"{where}: 'stride' must be a positive integer or 3 of them, got {stride!r}"
             )
-        return cls(preprocess, tuple(names), tuple(patch), stride)
+        postprocessing = values.get("postprocessing")
+        if postprocessing is not None:
+            from medseg.inference.postprocess import check_postprocessing
+
+            postprocessing = check_postprocessing(postprocessing, f"{where}: 'postprocessing'")
+        return cls(preprocess, tuple(names), tuple(patch), stride, postprocessing)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> PredictionPlan:

@@ -340,7 +340,7 @@ def read_nifti_case(
         Naming the case and file for: unreadable files, image/label shape or affine
         mismatch, NaN/inf intensities, non-integer or out-of-range labels.
     """
-    from medseg.io import spacing_from_affine  # the package imports this module
+    from medseg.io.geometry import spacing_from_affine
 
     image_path = Path(image_path)
     image, affine, _ = _read_for_case(case_id, image_path, max_voxels)

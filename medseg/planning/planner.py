@@ -15,13 +15,14 @@ import hashlib
 import json
 import math
 import platform
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medseg.config import ConfigError
+from medseg.config import parse_duration as config_duration
 from medseg.planning import memory, rules
 from medseg.planning.record import PLAN_VERSION, Decision, ExperimentPlan, PlanError
 
@@ -76,23 +77,12 @@ class PlanOptions:
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
-    """``"10m"``, ``"90s"``, ``"1h30m"``, ``"2.5m"`` or a number of seconds → seconds."""
-    if text is None:
-        return None
-    if isinstance(text, int | float):
-        return float(text)
-    value = str(text).strip().lower()
-    if value in ("", "none", "null"):
-        return None
+    """``"10m"``, ``"90s"``, ``"1h30m"``, ``"2.5m"`` or a number of seconds → seconds
+    (:func:`medseg.config.parse_duration`, failing as a :class:`PlanError`)."""
     try:
-        return float(value)
-    except ValueError:
-        pass
-    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", value)
-    if not parts or not any(parts.groups()):
-        raise PlanError(f"time budget {text!r}: use e.g. 10m, 90s, 1h30m or seconds")
-    h, m, s = (float(g) if g else 0.0 for g in parts.groups())
-    return h * 3600 + m * 60 + s
+        return config_duration(text)
+    except ConfigError as err:
+        raise PlanError(str(err)) from None
 
 
 # -- candidates ----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Loading a trained model, and the plan it predicts with, from a file or an MLflow URI.
+"""Logging a trained model to MLflow, and loading it (and the plan it predicts with) back
+from a file or an MLflow URI.
 
 ``medseg predict --model`` takes a ``.keras`` file or an MLflow model URI (``runs:/<run
 id>/model``, ``models:/<model id>``, ``models:/<name>/<version>``). A model from MLflow
@@ -10,15 +11,56 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
+import numpy as np
+
+if TYPE_CHECKING:
+    from mlflow.models import ModelSignature
 
 from medseg.inference import PredictionPlan, load_model_file
 from medseg.inference.files import is_model_uri
 from medseg.tracking.store import resolve_tracking_uri
 
-__all__ = ["load_model", "load_plan", "source_run_id"]
+__all__ = ["load_model", "load_plan", "log_model", "model_signature", "source_run_id"]
+
+
+def model_signature(in_channels: int, num_classes: int) -> ModelSignature:
+    """Tensor signature of a 3D segmentation model (any batch and spatial size)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1, in_channels), "image")]),
+        outputs=Schema(
+            [TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1, num_classes), "probabilities")]
+        ),
+    )
+
+
+def log_model(model: keras.Model, register_as: str | None = None):
+    """Log ``model`` to the active run as ``model`` (and register it under ``register_as``).
+
+    The inference graph only: no optimizer and no medseg loss, so the logged model loads
+    wherever TensorFlow and Keras do, without medseg installed (the full-resolution output
+    only, with deep supervision).
+    """
+    import mlflow
+
+    inference = keras.Model(model.inputs, model.outputs[0], name=model.name)
+    return mlflow.keras.log_model(
+        inference,
+        name="model",
+        signature=model_signature(int(inference.input_shape[-1]), int(inference.output_shape[-1])),
+        pip_requirements=[
+            f"tensorflow=={metadata.version('tensorflow')}",
+            f"keras=={keras.__version__}",
+        ],
+        registered_model_name=register_as,
+    )
 
 def _client(tracking_uri: str | None):
     import mlflow

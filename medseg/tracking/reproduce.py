@@ -22,7 +22,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from medseg.config import Config, ConfigError
-from medseg.tracking.run import git_state, package_versions, run_training
+from medseg.tracking.lineage import git_state, package_versions
+from medseg.tracking.run import run_training
 from medseg.tracking.store import resolve_tracking_uri
 
 TAG_REPRODUCES = "medseg.reproduces"

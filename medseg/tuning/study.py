@@ -29,11 +29,12 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from medseg.config import Config, ConfigError, TuneConfig
-from medseg.experiment import ExperimentResult
-from medseg.tracking.run import git_state, run_training
+from medseg.tracking.lineage import git_state
+from medseg.tracking.run import run_training
 from medseg.tracking.store import configure, resolve_tracking_uri
 from medseg.tuning.pruning import DicePruningCallback
 from medseg.tuning.space import parse_space, suggest_overrides
+from medseg.workflows.experiment import ExperimentResult
 
 log = logging.getLogger(__name__)
 

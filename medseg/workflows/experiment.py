@@ -1,7 +1,8 @@
 """One experiment, phase by phase: fingerprint → plan → preprocess → train → predict → evaluate.
 
-This is the core workflow, free of tracking: :mod:`medseg.tracking` wraps it and logs
-what it returns. Each phase is a plain function call on the one :class:`~medseg.config.Config`.
+The core workflow, free of tracking: an :class:`~medseg.workflows.observer.Observer`
+(:class:`medseg.tracking.MlflowObserver`) records it. Each phase is a plain function call on
+the one :class:`~medseg.config.Config`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from medseg import datasets
 from medseg.config import Config
 from medseg.evaluation import score_case, summarize
 from medseg.inference import predict_case
-from medseg.inference.postprocess import postprocessing_scores
+from medseg.inference.postprocess import Components, component_tables, decide_postprocessing
 from medseg.models import check_input_shape, downsample_targets
 from medseg.pipeline import (
     PreprocessPlan,
@@ -44,6 +45,7 @@ from medseg.training import (
     resume_step,
     seed_everything,
 )
+from medseg.workflows.observer import Observer
 
 
 @dataclass
@@ -73,8 +75,9 @@ class DataSetup:
 class CaseResult:
     case_id: str
     scores: dict[str, float]
-    # per foreground label: Dice before and after keeping its largest component
-    postprocessing: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # per foreground label: its predicted components against the truth (for the
+    # postprocessing decision)
+    postprocessing: dict[int, Components] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,6 +91,8 @@ class ExperimentResult:
     # one validation case kept whole for overlays: image, truth, prediction, spacing
     example: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # decided from the validation cases (evaluation.postprocess), saved in the plan.json
+    postprocessing: dict[str, Any] | None = None
 
 
 def prepare_data(config: Config) -> DataSetup:
@@ -285,7 +290,9 @@ def evaluate_cases(
             tolerance=evaluation.surface_tolerance_mm,
             percentile=evaluation.hd_percentile,
         )
-        pp = postprocessing_scores(pred, truth, classes) if evaluation.postprocess else {}
+        pp = (
+            component_tables(pred, truth, classes, ex["spacing"]) if evaluation.postprocess else {}
+        )
         results.append(CaseResult(case_id, scores, pp))
         # keep the case with the most foreground classes for the overlay
         n_present = len(np.unique(truth))
@@ -313,35 +320,75 @@ def network_stride(config: Config, setup: DataSetup):
 
 def run_experiment(
     config: Config,
+    observer: Observer | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     setup: DataSetup | None = None,
 ) -> ExperimentResult:
     """Run every phase of one experiment and return what each produced.
 
-    ``setup`` (from :func:`prepare_data`) skips the first phase; the result's config is
-    the one resolved against the plan.
+    Parameters
+    ----------
+    config : Config
+    observer : Observer, optional
+        Told of each phase (:mod:`medseg.workflows.observer`); its callbacks come before
+        ``callbacks`` in training.
+    callbacks : sequence of keras.callbacks.Callback, optional
+    setup : DataSetup, optional
+        From :func:`prepare_data`: skips the first phase.
+
+    Returns
+    -------
+    ExperimentResult
+        Its config is the one resolved against the plan.
     """
+    observer = observer or Observer()
     make_strategy(config.train.strategy)  # before any TF op: multi-worker needs it so
-    timings = {}
+    observer.run_started(config)
+    try:
+        timings = {}
+        t0 = time.perf_counter()
+        if setup is None:
+            setup = prepare_data(config)
+        config = setup.config or config
+        timings["prepare_s"] = time.perf_counter() - t0  # planning included
+        observer.planned(config, setup)
+        t0 = time.perf_counter()
+        model, history = train_model(config, setup, [*observer.callbacks(), *callbacks])
+        timings["train_s"] = time.perf_counter() - t0
+        result = score_model(model, history, config, setup, setup.val_ids, timings=timings)
+    except BaseException as err:
+        observer.run_failed(err)
+        raise
+    observer.run_finished(result)
+    return result
+
+
+def score_model(
+    model: keras.Model,
+    history: dict[str, list[float]],
+    config: Config,
+    setup: DataSetup,
+    case_ids: Sequence[str],
+    split: str | None = None,
+    timings: dict[str, float] | None = None,
+) -> ExperimentResult:
+    """Evaluate a trained model on whole cases: per-case scores, their summary and the
+    postprocessing decided from them (``evaluation.postprocess``)."""
+    timings = dict(timings or {})
     t0 = time.perf_counter()
-    if setup is None:
-        setup = prepare_data(config)
-    config = setup.config or config
-    timings["prepare_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model, history = train_model(config, setup, callbacks)
-    timings["train_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    cases, example = evaluate_cases(model, config, setup, setup.val_ids)
+    cases, example = evaluate_cases(model, config, setup, case_ids, split)
     timings["evaluate_s"] = time.perf_counter() - t0
-    summary = summarize([c.scores for c in cases]) if cases else {}
+    postprocessing = None
+    if config.evaluation.postprocess and cases:
+        postprocessing = decide_postprocessing([c.postprocessing for c in cases], setup.class_names)
     return ExperimentResult(
         config=config,
         data=setup,
         model=model,
         history=history,
         cases=cases,
-        summary=summary,
+        summary=summarize([c.scores for c in cases]) if cases else {},
         example=example,
         timings=timings,
+        postprocessing=postprocessing,
     )

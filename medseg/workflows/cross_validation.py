@@ -1,9 +1,11 @@
 """Evaluation by protocol: one model per fold, scored on its held-out cases, then pooled.
 
-The core of ``medseg evaluate``, free of tracking: :mod:`medseg.tracking.evaluation` wraps
-each fold in a nested MLflow run. The phases are those of :mod:`medseg.experiment`
-(``prepare_data`` once, then ``train_model`` and ``evaluate_cases`` per fold); the pooled
-per-case scores give the summary and the postprocessing decision (nnU-Net's rule).
+The core of ``medseg evaluate``, free of tracking: the fold loop exists here only. An
+:class:`~medseg.workflows.observer.Observer` records it (:class:`medseg.tracking.MlflowObserver`:
+a parent run, one nested run per fold, finished folds read back on resume). The phases are
+those of :mod:`medseg.workflows.experiment` (``prepare_data`` once, then ``train_model``
+and ``score_model`` per fold); the pooled per-case scores give the summary and the
+postprocessing decision.
 """
 
 from __future__ import annotations
@@ -20,30 +22,31 @@ import keras
 from medseg.config import Config
 from medseg.evaluation.metrics import summarize
 from medseg.evaluation.protocols import (
-    PROTOCOLS,
     Fold,
     explicit_split,
     holdout_split,
     load_or_create_splits,
     percentage_split,
 )
-from medseg.experiment import (
-    CaseResult,
-    DataSetup,
-    ExperimentResult,
-    evaluate_cases,
-    prepare_data,
-    train_model,
-)
 from medseg.inference.postprocess import decide_postprocessing
 from medseg.pipeline import read_case_ids
 from medseg.training import make_strategy
+from medseg.workflows.experiment import (
+    CaseResult,
+    DataSetup,
+    ExperimentResult,
+    prepare_data,
+    score_model,
+    train_model,
+)
+from medseg.workflows.observer import Observer
 
 __all__ = [
     "CrossValidationResult",
     "combine_folds",
     "make_folds",
     "run_cross_validation",
+    "fold_setup",
     "run_fold",
     "splits_path",
 ]
@@ -84,9 +87,7 @@ def splits_path(config: Config, setup: DataSetup) -> Path:
 def make_folds(config: Config, setup: DataSetup) -> tuple[list[Fold], Path | None]:
     """The folds of ``config.evaluation.protocol`` and, for k-fold/LOO, their splits file."""
     evaluation = config.evaluation
-    protocol = evaluation.protocol
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"evaluation.protocol={protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    protocol = evaluation.protocol  # one of config.Protocol (checked when the config is made)
     ids = setup.train_ids + setup.val_ids
     if protocol == "split":
         return percentage_split(ids, config.data.validation_fraction, config.seed), None
@@ -123,25 +124,18 @@ def run_fold(
     The test cases double as the per-epoch validation cases when they come from the
     training split (as in nnU-Net's folds); a hold-out split is never looked at in training.
     """
+    setup = fold_setup(setup, fold)
+    t0 = time.perf_counter()
+    model, history = train_model(config, setup, callbacks)
+    timings = {"train_s": time.perf_counter() - t0}
+    return score_model(model, history, config, setup, fold.test_ids, fold.test_split, timings)
+
+
+def fold_setup(setup: DataSetup, fold: Fold) -> DataSetup:
+    """The setup of one fold: its training cases, and its test cases as validation cases
+    unless they are a hold-out split."""
     val_ids = list(fold.test_ids) if fold.test_split is None else []
-    fold_setup = dataclasses.replace(setup, train_ids=list(fold.train_ids), val_ids=val_ids)
-    timings = {}
-    t0 = time.perf_counter()
-    model, history = train_model(config, fold_setup, callbacks)
-    timings["train_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    cases, example = evaluate_cases(model, config, fold_setup, fold.test_ids, fold.test_split)
-    timings["evaluate_s"] = time.perf_counter() - t0
-    return ExperimentResult(
-        config=config,
-        data=fold_setup,
-        model=model,
-        history=history,
-        cases=cases,
-        summary=summarize([c.scores for c in cases]) if cases else {},
-        example=example,
-        timings=timings,
-    )
+    return dataclasses.replace(setup, train_ids=list(fold.train_ids), val_ids=val_ids)
 
 
 def combine_folds(
@@ -172,6 +166,7 @@ def combine_folds(
 
 def run_cross_validation(
     config: Config,
+    observer: Observer | None = None,
     callbacks: Callable[[Fold], Sequence[keras.callbacks.Callback]] | None = None,
 ) -> CrossValidationResult:
     """Run every fold of the configured protocol and pool their evaluation.
@@ -180,15 +175,46 @@ def run_cross_validation(
     ----------
     config : Config
         ``config.evaluation`` chooses the protocol.
+    observer : Observer, optional
+        Told of the run and, through the observer ``fold_started`` returns, of each fold;
+        a fold it has a finished result for is not trained again.
     callbacks : callable, optional
-        ``callbacks(fold)`` gives the Keras callbacks of that fold's training.
+        ``callbacks(fold)`` gives further Keras callbacks of that fold's training.
     """
+    observer = observer or Observer()
     make_strategy(config.train.strategy)  # before any TF op (multi-worker needs it)
-    t0 = time.perf_counter()
-    setup = prepare_data(config)
-    config = setup.config or config  # resolved against the plan
-    folds, path = make_folds(config, setup)
-    results = [run_fold(config, setup, f, callbacks(f) if callbacks else ()) for f in folds]
-    result = combine_folds(config, setup, folds, results, path)
-    result.timings["total_s"] = time.perf_counter() - t0
+    observer.run_started(config)
+    try:
+        t0 = time.perf_counter()
+        setup = prepare_data(config)
+        config = setup.config or config  # resolved against the plan
+        folds, path = make_folds(config, setup)
+        observer.planned(config, setup)
+        results = []
+        for index, fold in enumerate(folds):
+            child = observer.fold_started(fold, index)
+            result = child.finished_result(config, setup, fold)
+            if result is None:
+                result = _observed_fold(config, setup, fold, child, callbacks)
+            results.append(result)
+        cv = combine_folds(config, setup, folds, results, path)
+        cv.timings["total_s"] = time.perf_counter() - t0
+    except BaseException as err:
+        observer.run_failed(err)
+        raise
+    observer.run_finished(cv)
+    return cv
+
+
+def _observed_fold(config, setup, fold, observer, callbacks) -> ExperimentResult:
+    observer.run_started(config)
+    try:
+        observer.planned(config, fold_setup(setup, fold))
+        extra = callbacks(fold) if callbacks else ()
+        result = run_fold(config, setup, fold, [*observer.callbacks(), *extra])
+    except BaseException as err:
+        observer.run_failed(err)
+        raise
+    observer.run_finished(result)
+    result.example = None  # recorded by now; the next fold need not hold its volumes
     return result

@@ -1,0 +1,238 @@
+"""What a run logs besides params and tags: results, tables, plots, and their names.
+
+Artifact names live here once: the writers below and the readers (``medseg predict``,
+``medseg reproduce``, a resumed evaluation) use the same constants.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+
+from medseg.evaluation.visuals import (
+    intensity_histograms,
+    plot_dataset_overview,
+    plot_learning_curves,
+    plot_metric_boxplots,
+    write_overlay_gif,
+    write_slice_montage,
+)
+from medseg.inference import PredictionPlan
+from medseg.inference.postprocess import save_postprocessing
+from medseg.pipeline import read_cases
+from medseg.tracking.callbacks import finite
+from medseg.workflows.cross_validation import CrossValidationResult
+from medseg.workflows.experiment import DataSetup, ExperimentResult, network_stride
+
+__all__ = [
+    "CASES",
+    "CASE_POSTPROCESSING",
+    "CONFIG",
+    "ENSEMBLE",
+    "EXPERIMENT_PLAN",
+    "FINGERPRINT",
+    "FOLD",
+    "HISTORY",
+    "PLAN",
+    "PLAN_OVERRIDES",
+    "POSTPROCESSING",
+    "SPLIT",
+    "VALIDATION_CASES",
+    "display_window",
+    "log_case_postprocessing",
+    "log_dataset_overview",
+    "log_pooled",
+    "log_result",
+    "write_tsv",
+]
+
+CONFIG = "config.json"  # the resolved config (medseg reproduce)
+PLAN = "plan.json"  # what prediction needs besides the model (PredictionPlan)
+EXPERIMENT_PLAN = "experiment_plan.json"  # the plan as it ran (ExperimentPlan)
+PLAN_OVERRIDES = "plan_overrides.json"
+FINGERPRINT = "fingerprint.json"
+SPLIT = "split.json"
+HISTORY = "training/history.tsv"
+VALIDATION_CASES = "evaluation/validation_cases.tsv"
+POSTPROCESSING = "postprocessing.json"  # in "evaluation/" for a run, at the top for a CV
+CASE_POSTPROCESSING = "evaluation/case_postprocessing.json"
+FOLD = "fold.json"
+CASES = "evaluation/cases.tsv"  # a cross-validation's pooled cases
+ENSEMBLE = "ensemble.json"
+
+
+def display_window(plan) -> tuple[float, float] | None:
+    """Intensity window for overlays: the clip range widened, so the foreground's
+    surroundings stay visible (for CT: fat dark, soft tissue grey, enhanced organs bright)."""
+    if plan.clip is None:
+        return None
+    lo, hi = plan.clip
+    width = hi - lo
+    return (lo - width, hi + width / 2)
+
+
+def write_tsv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def log_result(result: ExperimentResult) -> None:
+    """Log what an experiment produced to the active run: validation metrics and
+    timings, config, plans, fingerprint, split, history, per-case scores and plots (the
+    model: :func:`medseg.tracking.model.log_model`)."""
+    setup = result.data
+    history = result.history
+    summary_metrics = {}
+    for key, stats in result.summary.items():
+        for stat in ("mean", "median"):
+            if finite(stats.get(stat)):
+                summary_metrics[f"val_case_{key}_{stat}"] = float(stats[stat])
+    summary_metrics.update({f"time_{k}": v for k, v in result.timings.items()})
+    mlflow.log_metrics(summary_metrics)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / CONFIG).write_text(result.config.to_json())
+        # everything prediction needs besides the model (medseg predict --model runs:/...)
+        plan = PredictionPlan.from_config(
+            result.config,
+            setup.plan,
+            setup.class_names,
+            stride=network_stride(result.config, setup),
+            postprocessing=result.postprocessing,
+        )
+        (tmp / PLAN).write_text(json.dumps(plan.to_dict(), indent=2))
+        if result.postprocessing is not None:
+            save_postprocessing(result.postprocessing, tmp / POSTPROCESSING)
+            mlflow.log_artifact(str(tmp / POSTPROCESSING), "evaluation")
+        if setup.experiment_plan is not None:
+            # the experiment plan as it ran: medseg reproduce trains from it, never re-plans
+            setup.experiment_plan.save(tmp / EXPERIMENT_PLAN)
+            (tmp / PLAN_OVERRIDES).write_text(json.dumps(setup.overrides, indent=2))
+            mlflow.log_artifact(str(tmp / EXPERIMENT_PLAN))
+            mlflow.log_artifact(str(tmp / PLAN_OVERRIDES))
+        (tmp / FINGERPRINT).write_text(json.dumps(setup.fingerprint, indent=2))
+        (tmp / SPLIT).write_text(
+            json.dumps({"train": setup.train_ids, "validation": setup.val_ids}, indent=2)
+        )
+        epochs = max((len(v) for v in history.values()), default=0)
+        keys = sorted(history)
+        write_tsv(
+            tmp / "history.tsv",
+            ["epoch", *keys],
+            [[e, *(history[k][e] for k in keys)] for e in range(epochs)],
+        )
+        score_keys = sorted({k for c in result.cases for k in c.scores})
+        write_tsv(
+            tmp / "validation_cases.tsv",
+            ["case_id", *score_keys],
+            [[c.case_id, *(c.scores.get(k, float("nan")) for k in score_keys)] for c in result.cases],
+        )
+        (tmp / "validation_summary.json").write_text(json.dumps(result.summary, indent=2))
+        for name in (CONFIG, PLAN, FINGERPRINT, SPLIT):
+            mlflow.log_artifact(str(tmp / name))
+        mlflow.log_artifact(str(tmp / "history.tsv"), "training")
+        mlflow.log_artifact(str(tmp / "validation_cases.tsv"), "evaluation")
+        mlflow.log_artifact(str(tmp / "validation_summary.json"), "evaluation")
+        if result.cases:
+            plot_metric_boxplots([c.scores for c in result.cases], tmp / "metrics_boxplot.png")
+            mlflow.log_artifact(str(tmp / "metrics_boxplot.png"), "plots")
+        if epochs:
+            plot_learning_curves(history, tmp / "learning_curve.png")
+            mlflow.log_artifact(str(tmp / "learning_curve.png"), "plots")
+        if result.example is not None:
+            ex = result.example
+            view = {
+                "axis": result.config.evaluation.overlay_axis,
+                "spacing": ex["spacing"],
+                "window": display_window(setup.plan),
+            }
+            gif = tmp / f"overlay_{ex['case_id']}.gif"
+            write_overlay_gif(gif, ex["image"], ex["truth"], ex["pred"], **view)
+            montage = tmp / f"montage_{ex['case_id']}.png"
+            write_slice_montage(montage, ex["image"], ex["truth"], ex["pred"], **view)
+            mlflow.log_artifact(str(gif), "plots")
+            mlflow.log_artifact(str(montage), "plots")
+
+
+def log_case_postprocessing(result: ExperimentResult) -> None:
+    """Log each case's component tables, from which a resumed cross-validation decides."""
+    scores = {c.case_id: {str(k): v.to_dict() for k, v in c.postprocessing.items()}
+              for c in result.cases}
+    mlflow.log_dict(scores, CASE_POSTPROCESSING)
+
+
+def log_dataset_overview(setup: DataSetup, split: str, max_cases: int = 20) -> None:
+    """Log ``plots/dataset_overview.png``: class frequencies from the fingerprint and the
+    intensity histogram of each class from the voxels of up to ``max_cases`` cases."""
+    fp = setup.fingerprint
+    stats = fp.get("foreground_intensity") or {}
+    lo, hi = stats.get("percentile_00_5"), stats.get("percentile_99_5")
+    histograms = None
+    if lo is not None and hi is not None and hi > lo:
+        width = hi - lo  # widened so the background's intensities show too
+        cases = (
+            (ex["image"], ex["label"])
+            for ex in read_cases(setup.builder, split).take(max_cases).as_numpy_iterator()
+        )
+        histograms = intensity_histograms(
+            cases, len(setup.class_names), (lo - width, hi + width / 2), bins=80
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = plot_dataset_overview(fp, Path(tmp) / "dataset_overview.png", histograms)
+        mlflow.log_artifact(str(path), "plots")
+
+
+def log_pooled(cv: CrossValidationResult, child_ids: list[str]) -> None:
+    """Log a cross-validation's pooled metrics (``cv_<metric>_<class>_<stat>``), its cases
+    table with a fold column, the folds, the splits file, the ensemble of the fold runs'
+    models and the postprocessing decision to the active (parent) run."""
+    metrics = {}
+    for key, stats in cv.summary.items():
+        for stat in ("mean", "median", "std"):
+            if finite(stats.get(stat)):
+                metrics[f"cv_{key}_{stat}"] = float(stats[stat])
+    mlflow.log_metrics(metrics)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        keys = sorted({k for _, c in cv.cases for k in c.scores})
+        write_tsv(
+            tmp / "cases.tsv",
+            ["fold", "case_id", *keys],
+            [[f, c.case_id, *(c.scores.get(k, np.nan) for k in keys)] for f, c in cv.cases],
+        )
+        (tmp / "summary.json").write_text(json.dumps(cv.summary, indent=2))
+        (tmp / "folds.json").write_text(
+            json.dumps(
+                {
+                    "protocol": cv.config.evaluation.protocol,
+                    "splits_file": str(cv.splits_file) if cv.splits_file else None,
+                    "folds": [f.to_dict() for f in cv.folds],
+                },
+                indent=2,
+            )
+        )
+        uris = [f"runs:/{run_id}/model" for run_id in child_ids]
+        (tmp / "ensemble.json").write_text(
+            json.dumps({"models": uris, "postprocessing": cv.postprocessing}, indent=2)
+        )
+        for name in ("cases.tsv", "summary.json"):
+            mlflow.log_artifact(str(tmp / name), "evaluation")
+        mlflow.log_artifact(str(tmp / "folds.json"))
+        mlflow.log_artifact(str(tmp / "ensemble.json"))
+        if cv.splits_file is not None:
+            mlflow.log_artifact(str(cv.splits_file))
+        if cv.postprocessing is not None:
+            save_postprocessing(cv.postprocessing, tmp / "postprocessing.json")
+            mlflow.log_artifact(str(tmp / "postprocessing.json"))
+        if cv.cases:
+            plot_metric_boxplots([c.scores for _, c in cv.cases], tmp / "metrics_boxplot.png")
+            mlflow.log_artifact(str(tmp / "metrics_boxplot.png"), "plots")
