@@ -15,7 +15,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -690,3 +690,82 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 _SECTION_NAMES.update(
     {hint: name for name, hint in typing.get_type_hints(Config).items() if name != "seed"}
 )
+
+
+# -- notebooks -----------------------------------------------------------------------
+
+# The papermill parameters medseg's notebooks share, and the config key each one sets.
+# A notebook's parameter left at None leaves its key to the config's default (or, for
+# the keys the experiment plan sets, to the plan), so notebook defaults cannot drift.
+NOTEBOOK_PARAMETERS: dict[str, str] = {
+    "dataset": "data.dataset",
+    "config_name": "data.config",
+    "data_dir": "data.data_dir",
+    "split": "data.split",
+    "patch_size": "patch.patch_size",
+    "batch_size": "patch.batch_size",
+    "filters": "model.filters",
+    "depth": "model.depth",
+    "epochs": "train.epochs",
+    "steps_per_epoch": "train.steps_per_epoch",
+    "learning_rate": "train.learning_rate",
+    "overlap": "inference.overlap",
+    "protocol": "evaluation.protocol",
+    "folds": "evaluation.folds",
+    "space": "tune.space",
+    "n_trials": "tune.n_trials",
+    "timeout": "tune.timeout",
+    "metric": "tune.metric",
+    "pruner": "tune.pruner",
+    "pruner_startup_trials": "tune.pruner_startup_trials",
+    "storage": "tune.storage",
+    "study_name": "tune.study_name",
+    "workers": "tune.workers",
+    "plan": "plan.mode",
+    "time_budget": "plan.time_budget",
+    "tracking_uri": "tracking.tracking_uri",
+    "experiment": "tracking.experiment",
+    "seed": "seed",
+}
+
+
+def from_parameters(
+    namespace: Mapping[str, Any],
+    overrides: Mapping[str, Any] | None = None,
+    base: Config | None = None,
+) -> Config:
+    """The config a notebook's parameters describe.
+
+    Parameters
+    ----------
+    namespace : mapping
+        The notebook's variables (``globals()``): of them, the names in
+        `NOTEBOOK_PARAMETERS` that are not None set their config keys. ``space`` may be
+        a dict ``{key: "KIND:ARGS"}`` (papermill cannot pass ``=`` inside strings).
+    overrides : mapping, optional
+        Any other ``section.key`` values; they win over the named parameters.
+    base : Config, optional
+        Start from this config instead of the defaults.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key (and the notebook parameter that set it) of a value the config
+        refuses.
+    """
+    values = {}
+    for name, key in NOTEBOOK_PARAMETERS.items():
+        value = namespace.get(name)
+        if value is None:
+            continue
+        if key == "tune.space" and isinstance(value, Mapping):
+            value = [f"{k}={v}" for k, v in value.items()]
+        values[key] = value
+    config = base or Config()
+    try:
+        config = config.with_overrides(values)
+    except ConfigError as err:
+        names = [n for n, k in NOTEBOOK_PARAMETERS.items() if k in str(err)]
+        where = f" (notebook parameter {names[0]!r})" if names else ""
+        raise ConfigError(f"{err}{where}") from None
+    return config.with_overrides(dict(overrides or {}))

@@ -88,33 +88,6 @@ def test_failing_notebook_marks_its_run_failed_and_logs_it(tmp_path):
     ]
 
 
-def test_train_notebook_defaults_are_the_config_defaults():
-    """The notebook's parameters must not drift from the library's defaults."""
-    from medseg.config import Config
-
-    nb = nbformat.read(Path(__file__).parents[1] / "notebooks" / "train.ipynb", as_version=4)
-    (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    params: dict = {}
-    exec(cell.source, {}, params)
-    flat = Config().to_flat_dict()
-    mapping = {
-        "dataset": "data.dataset",
-        "config_name": "data.config",
-        "data_dir": "data.data_dir",
-        "learning_rate": "train.learning_rate",
-        "seed": "seed",
-        "tracking_uri": "tracking.tracking_uri",
-        "plan": "plan.mode",
-        "time_budget": "plan.time_budget",
-    }
-    for name, key in mapping.items():
-        assert params[name] == flat[key], (name, params[name], flat[key])
-    # the keys the experiment plan sets are left to it: None, not a copy of a constant
-    for name in PLANNED_PARAMS:
-        assert params[name] is None, name
-
-
-PLANNED_PARAMS = ("epochs", "steps_per_epoch", "patch_size", "batch_size", "filters", "depth")
 
 # -- every notebook at tiny size, each checked through the MLflow runs it leaves -----------
 
@@ -190,7 +163,15 @@ def test_explore_dataset_notebook_logs_fingerprint_plots_and_samples(tiny_data_d
     assert run.data.tags["dataset.fingerprint_hash"] == datasets.fingerprint_hash(fingerprint)
     artifacts = _artifacts(client, run_id)
     assert "plots/dataset_overview.png" in artifacts
-    assert len([a for a in artifacts if a.startswith("plots/sample_")]) == 2
+    samples = [a for a in artifacts if a.startswith("plots/sample_")]
+    assert len(samples) == 2
+    # image | labels: two panels, not a prediction that is the label again
+    import imageio.v3 as iio
+
+    frames = iio.imread(client.download_artifacts(run_id, samples[0], str(tmp_path)), index=None)
+    case = next(iter(datasets.get_builder("kits_phantom", "tiny", tiny_data_dir)
+                     .as_dataset(split="train").take(1)))
+    assert frames.shape[2] < 3 * case["image"].shape[2]
     assert "notebooks/explore.out.ipynb" in artifacts
     logged = Path(client.download_artifacts(run_id, "fingerprint.json", str(tmp_path)))
     assert json.loads(logged.read_text()) == fingerprint
@@ -240,17 +221,16 @@ def test_cross_validate_notebook_runs_nested_folds(tiny_data_dir, tmp_path):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert "notebooks/cv.out.ipynb" in _artifacts(client, run_id)
-    evaluation_id = run.data.tags["medseg.evaluation_run"]
-    evaluation = client.get_run(evaluation_id)
+    # the notebook's own run is the folds' parent and holds the pooled evaluation
     folds = client.search_runs(
-        [evaluation.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{evaluation_id}'",
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
     )
     assert len(folds) == 2
-    assert evaluation.data.params["evaluation.protocol"] == "kfold"
-    assert "cv_dice_kidney_mean" in evaluation.data.metrics
+    assert run.data.params["evaluation.protocol"] == "kfold"
+    assert "cv_dice_kidney_mean" in run.data.metrics
+    assert run.data.tags["medseg.notebook"] == "cross_validate.ipynb"
     text, images = _outputs(output)
-    assert f"evaluation run (folds nested): {evaluation_id}" in text
+    assert f"evaluation run (folds nested): {run_id}" in text
     assert "2 folds, 4 test cases" in text
     assert "image/png" in images
 
@@ -288,37 +268,52 @@ def test_predict_notebook_scores_the_newest_model_as_its_training_run_did(
     assert "image/gif" in images
 
 
-@pytest.mark.parametrize(
-    "name, mapping",
-    [
-        ("explore_dataset", {"dataset": "data.dataset", "config_name": "data.config",
-                             "split": "data.split", "seed": "seed",
-                             "patch_size": "patch.patch_size",
-                             "tracking_uri": "tracking.tracking_uri"}),
-        ("tune", {"config_name": "data.config",
-                  "n_trials": "tune.n_trials", "metric": "tune.metric",
-                  "pruner": "tune.pruner", "storage": "tune.storage", "timeout": "tune.timeout",
-                  "pruner_startup_trials": "tune.pruner_startup_trials",
-                  "workers": "tune.workers", "tracking_uri": "tracking.tracking_uri"}),
-        ("cross_validate", {"config_name": "data.config", "folds": "evaluation.folds",
-                            "plan": "plan.mode", "seed": "seed",
-                            "tracking_uri": "tracking.tracking_uri"}),
-        ("predict", {"overlap": "inference.overlap", "experiment": "tracking.experiment",
-                     "tracking_uri": "tracking.tracking_uri"}),
-    ],
-)
-def test_notebook_defaults_are_the_config_defaults(name, mapping):
-    from medseg.config import Config
+# notebook parameters that are not config keys, per notebook
+OWN_PARAMETERS = {
+    "train": {"run_id", "overrides"},
+    "cross_validate": {"run_id", "overrides"},
+    "tune": {"run_id", "overrides"},
+    "explore_dataset": {"run_id", "overrides", "histogram_cases", "sample_cases"},
+    "predict": {"run_id", "model_uris", "case_ids"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(OWN_PARAMETERS))
+def test_notebook_parameters_are_config_keys_left_to_the_config(name):
+    """Each parameter named after a config key reaches the config through
+    ``from_parameters``; at None it keeps the config's default, so nothing can drift."""
+    from medseg.config import NOTEBOOK_PARAMETERS, Config, from_parameters
 
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     params: dict = {}
     exec(cell.source, {}, params)
-    flat = Config().to_flat_dict()
-    for param, key in mapping.items():
-        assert params[param] == flat[key], (param, params[param], flat[key])
-    if name != "explore_dataset":  # its patch_size only shows sample patches
-        for param in PLANNED_PARAMS:  # left to the experiment plan
-            assert params.get(param) is None, param
-    if name == "tune":  # the space is a dict there: papermill cannot parse "=" in strings
-        assert [f"{k}={v}" for k, v in params["space"].items()] == flat["tune.space"]
+    config_params = set(params) - OWN_PARAMETERS[name]
+    assert config_params <= set(NOTEBOOK_PARAMETERS), config_params - set(NOTEBOOK_PARAMETERS)
+    # the defaults a notebook sets itself are the ones it is about; the rest are None
+    own_defaults = {"cross_validate": {"protocol"}, "tune": {"study_name"}}.get(name, set())
+    assert {k for k in config_params if params[k] is not None} == own_defaults
+    config = from_parameters(params, params.get("overrides"))
+    expected = Config().with_overrides(
+        {NOTEBOOK_PARAMETERS[k]: params[k] for k in own_defaults}
+    )
+    assert config.to_dict() == expected.to_dict()
+    # every notebook takes its config through the helper
+    assert "from_parameters(globals()" in "".join(c.source for c in nb.cells)
+
+
+def test_from_parameters_maps_names_to_keys_and_names_a_bad_value():
+    from medseg.config import ConfigError, from_parameters
+
+    config = from_parameters(
+        {"epochs": 3, "patch_size": [8, 16, 16], "space": {"model.filters": "int:8:16:8"},
+         "depth": None, "unrelated": "ignored"},
+        {"train.epochs": 4},
+    )
+    assert config.train.epochs == 4  # overrides win
+    assert config.patch.patch_size == (8, 16, 16)
+    assert config.tune.space == ("model.filters=int:8:16:8",)
+    assert config.model.depth == 3 and "train.epochs" in config.explicit_keys
+    assert "model.depth" not in config.explicit_keys  # None: left to the config (or plan)
+    with pytest.raises(ConfigError, match=r"'tune.pruner': 'meadian' .*\(notebook parameter 'pruner'\)"):
+        from_parameters({"pruner": "meadian"})

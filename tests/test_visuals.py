@@ -68,6 +68,11 @@ def test_overlay_frames_layout_and_colours(case):
     # the separators are white
     assert (frames[:, :, width : width + GAP] == 255).all()
 
+    # a dataset's case: image | ground truth, the same two panels and no third
+    two = overlay_frames(image, truth, None, gap=GAP, prediction_panel=False)
+    assert two.shape == (depth, height, 2 * width + GAP, 3)
+    np.testing.assert_array_equal(two, frames[:, :, : 2 * width + GAP])
+
 
 def test_overlay_frames_window_axis_and_spacing(case):
     image, truth, pred = case

@@ -102,6 +102,7 @@ def overlay_frames(
     window: tuple[float, float] | None = None,
     spacing: Sequence[float] | None = None,
     gap: int = 2,
+    prediction_panel: bool = True,
 ) -> np.ndarray:
     """Render a case slice by slice as image | ground truth | prediction panels.
 
@@ -129,6 +130,9 @@ def overlay_frames(
         physical aspect ratio.
     gap : int, optional
         Width in pixels of the white separator between panels.
+    prediction_panel : bool, optional
+        False leaves the prediction panel out (image | ground truth: a dataset's cases,
+        ``pred`` then ignored).
 
     Returns
     -------
@@ -137,9 +141,8 @@ def overlay_frames(
         order of the remaining axes.
     """
     image = _as_volume(image, "image").astype(np.float32)
-    labels = [
-        None if x is None else _as_volume(x, name) for x, name in ((truth, "truth"), (pred, "pred"))
-    ]
+    shown = ((truth, "truth"), (pred, "pred")) if prediction_panel else ((truth, "truth"),)
+    labels = [None if x is None else _as_volume(x, name) for x, name in shown]
     for label in labels:
         if label is not None and label.shape != image.shape:
             raise ValueError(f"label shape {label.shape} differs from image shape {image.shape}")
@@ -178,7 +181,7 @@ def overlay_frames(
 
     frames, rows = panels[0].shape[:2]
     separator = np.full((frames, rows, gap, 3), 255.0, dtype=np.float32)
-    strip = [panels[0], separator, panels[1], separator, panels[2]]
+    strip = [part for panel in panels for part in (separator, panel)][1:]
     return np.round(np.concatenate(strip, axis=2)).astype(np.uint8)
 
 
@@ -203,7 +206,7 @@ def write_overlay_gif(
         Frames per second.
     **kw
         Further keyword arguments of `overlay_frames` (``class_colors``, ``alpha``,
-        ``window``, ``spacing``, ``gap``).
+        ``window``, ``spacing``, ``gap``, ``prediction_panel``).
 
     Returns
     -------

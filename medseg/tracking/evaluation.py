@@ -26,7 +26,7 @@ __all__ = ["fold_model_uris", "load_fold_models", "log_dataset_overview", "run_e
 
 
 def run_evaluation(
-    config: Config, resume_run_id: str | None = None
+    config: Config, resume_run_id: str | None = None, run_id: str | None = None
 ) -> tuple[CrossValidationResult, str | None]:
     """Run ``config.evaluation.protocol`` with a nested MLflow run per fold.
 
@@ -37,6 +37,8 @@ def run_evaluation(
         An interrupted evaluation's parent run: folds with a finished child run are read
         back instead of trained again. Its params must equal those of ``config`` resolved
         against the plan.
+    run_id : str, optional
+        An existing run to be the parent (a notebook's run); default a new one.
 
     Returns
     -------
@@ -46,8 +48,10 @@ def run_evaluation(
         logged to their child runs when ``tracking.log_model`` is set (the default;
         resuming needs them).
     """
+    if resume_run_id and run_id and resume_run_id != run_id:
+        raise ValueError(f"resume_run_id {resume_run_id} and run_id {run_id} name two runs")
     observer = MlflowObserver(
-        run_id=resume_run_id, cross_validation=True, resume=resume_run_id is not None
+        run_id=resume_run_id or run_id, cross_validation=True, resume=resume_run_id is not None
     )
     cv = run_cross_validation(config, observer)
     return cv, observer.run_id if observer.recorded else None

@@ -99,6 +99,8 @@ class MlflowObserver(Observer):
             return  # workers other than the chief train but never log
         self._experiment_id = configure(config.tracking)
         if self._parent is not None:
+            # the parent's experiment: a parent run given by id may live in another one
+            self._experiment_id = self._parent._experiment_id
             start = {
                 "experiment_id": self._experiment_id,
                 "run_name": self._fold.name,
@@ -108,7 +110,8 @@ class MlflowObserver(Observer):
             start = {"run_id": self.run_id}
         else:
             start = {"experiment_id": self._experiment_id, "run_name": self._name(config)}
-        self.run_id = mlflow.start_run(**start).info.run_id
+        run = mlflow.start_run(**start)
+        self.run_id, self._experiment_id = run.info.run_id, run.info.experiment_id
         self._active = self.recorded = True
         if self.resume:
             self._finished = finished_folds(MlflowClient(mlflow.get_tracking_uri()), self.run_id)
