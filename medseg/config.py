@@ -60,6 +60,10 @@ Device = Literal["auto", "cpu", "gpu"]
 Preset = Literal["default", "resenc_m", "resenc_l"]
 
 
+# a transform named in the config: "package.module:attribute"
+TRANSFORM_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
 def parse_duration(text: str | float | int | None) -> float | None:
     """``"10m"``, ``"90s"``, ``"1h30m"``, ``"2.5m"`` or a number of seconds → seconds."""
     if text is None:
@@ -231,6 +235,10 @@ class AugmentConfig(_Section):
     gamma_probability: float = 0.3
     gamma_range: tuple[float, float] = (0.7, 1.5)
     gamma_invert_probability: float = 0.1  # gamma of the inverted image
+    # the user's own transforms, "module:attribute" each (a callable (image, label, seed)
+    # -> (image, label), or a class made without arguments), applied after the above with
+    # their own seed streams (medseg.pipeline.transforms)
+    extra: tuple[str, ...] = ()
 
 
 @dataclass
@@ -557,6 +565,12 @@ def _check_section(section: Any) -> None:
         probability = f.name.endswith("_probability")
         if probability and not (isinstance(value, int | float) and 0 <= value <= 1):
             raise ConfigError(f"config key {key!r}: {value!r} is not a probability in [0, 1]")
+    if name == "augment":
+        for entry in section.extra:
+            if not TRANSFORM_SPEC.match(entry):
+                raise ConfigError(
+                    f"config key 'augment.extra': {entry!r} is not of the form module:attribute"
+                )
     if name == "plan":
         try:
             parse_duration(section.time_budget)

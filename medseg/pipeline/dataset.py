@@ -327,15 +327,16 @@ def _graph_only(fn):
     return tf.autograph.experimental.do_not_convert(fn)
 
 
-def _augmenter(config):
-    """``(image, label, seed) -> (image, label)`` of :func:`~medseg.pipeline.augment.augment`,
-    or None when ``config`` is None or disabled."""
-    if config is None or not config.enabled:
-        return None
-    from medseg.pipeline.augment import augment, check_augment_config
+def _augmenter(config, transforms=()):
+    """``(image, label, seed) -> (image, label)``: the configured augmentation (none when
+    ``config`` is None or disabled), then ``transforms`` and those ``config.extra`` names
+    (:class:`~medseg.pipeline.transforms.Compose`); None when there is nothing to apply."""
+    from medseg.pipeline.transforms import Augmentation, Compose, load_transform
 
-    check_augment_config(config)  # fail here, naming the key, not inside a tf.data map
-    return lambda image, label, seed: augment(image, label, config, seed)
+    builtin = Augmentation(config) if config is not None and config.enabled else None
+    named = [load_transform(spec) for spec in (config.extra if config is not None else ())]
+    composed = Compose(builtin, [*named, *transforms])
+    return composed if composed else None
 
 
 def _sampler(table: CaseTable, patch: PatchConfig, augment=None):
@@ -393,6 +394,7 @@ def training_dataset(
     deterministic: bool = True,
     augment=None,
     start_step: int = 0,
+    transforms=(),
 ) -> tf.data.Dataset:
     """Endless batches ``(image (B, *patch, C), one-hot label (B, *patch, K))``.
 
@@ -401,7 +403,11 @@ def training_dataset(
     cases : tf.data.Dataset or CaseTable
         :func:`preprocessed_cases`; read into memory once here.
     augment : AugmentConfig, optional
-        Augmentation of each patch, seeded by the element (none if None or disabled).
+        Augmentation of each patch, seeded by the element (none if None or disabled), then
+        the transforms its ``extra`` names.
+    transforms : sequence of callables, optional
+        Further ``(image, label, seed) -> (image, label)`` transforms of each patch, each
+        with its own seed stream (:mod:`medseg.pipeline.transforms`).
     start_step : int
         First batch to yield: the batch at step ``s`` depends only on ``(seed, s)``, so
         resuming at ``start_step`` continues the interrupted stream exactly (when
@@ -415,8 +421,8 @@ def training_dataset(
     if start_step < 0:
         raise ValueError(f"start_step={start_step} must be ≥ 0")
     table = _as_table(cases, num_cases)
-    augmenter = _augmenter(augment)
-    if augmenter is not None and patch.mode == "full":
+    augmenter = _augmenter(augment, transforms)
+    if augmenter is not None and augmenter.builtin is not None and patch.mode == "full":
         # cases differ in shape; augment's resampling kernels need static patch shapes
         raise ValueError(
             "patch.mode='full' cannot be augmented (whole cases have no fixed shape): set "

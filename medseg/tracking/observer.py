@@ -160,6 +160,8 @@ class MlflowObserver(Observer):
                 mlflow.set_tag("medseg.folds", str(len(result.folds)))
                 artifacts.log_pooled(result, self.child_run_ids)
             else:
+                if result.transforms:  # the user's own, as module:name (API ones included)
+                    mlflow.log_param("augment.transforms", json.dumps(result.transforms))
                 artifacts.log_result(result)
                 if self._fold is not None:
                     artifacts.log_case_postprocessing(result)

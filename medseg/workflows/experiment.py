@@ -36,6 +36,7 @@ from medseg.pipeline import (
     training_dataset,
     validation_dataset,
 )
+from medseg.pipeline.transforms import transform_name
 from medseg.planning import ExperimentPlan
 from medseg.planning.resolve import apply_plan, resolve_plan
 from medseg.training import (
@@ -93,6 +94,8 @@ class ExperimentResult:
     timings: dict[str, float] = field(default_factory=dict)
     # decided from the validation cases (evaluation.postprocess), saved in the plan.json
     postprocessing: dict[str, Any] | None = None
+    # the user's patch transforms (augment.extra, then those passed in), as module:name
+    transforms: list[str] = field(default_factory=list)
 
 
 def prepare_data(config: Config) -> DataSetup:
@@ -163,9 +166,15 @@ def checkpoint_directory(config: Config, train_ids: Sequence[str]) -> str | None
 
 
 def train_model(
-    config: Config, setup: DataSetup, callbacks: Sequence[keras.callbacks.Callback] = ()
+    config: Config,
+    setup: DataSetup,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    transforms: Sequence = (),
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Build the pipelines and the model, and fit it under the configured strategy.
+
+    ``transforms`` are the user's patch transforms applied after the configured
+    augmentation (and after those ``augment.extra`` names; :mod:`medseg.pipeline.transforms`).
 
     With a checkpoint in :func:`checkpoint_directory`, training resumes from it: the
     training stream starts at the checkpoint's step, weights and optimizer state are
@@ -197,6 +206,7 @@ def train_model(
         det,
         augment=config.augment,
         start_step=start_step,
+        transforms=transforms,
     )
     validation = None
     if setup.val_ids and config.patch.validation_patches > 0:
@@ -323,6 +333,7 @@ def run_experiment(
     observer: Observer | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     setup: DataSetup | None = None,
+    transforms: Sequence = (),
 ) -> ExperimentResult:
     """Run every phase of one experiment and return what each produced.
 
@@ -335,6 +346,9 @@ def run_experiment(
     callbacks : sequence of keras.callbacks.Callback, optional
     setup : DataSetup, optional
         From :func:`prepare_data`: skips the first phase.
+    transforms : sequence of callables, optional
+        The user's ``(image, label, seed) -> (image, label)`` patch transforms, after the
+        configured augmentation (:mod:`medseg.pipeline.transforms`).
 
     Returns
     -------
@@ -353,9 +367,12 @@ def run_experiment(
         timings["prepare_s"] = time.perf_counter() - t0  # planning included
         observer.planned(config, setup)
         t0 = time.perf_counter()
-        model, history = train_model(config, setup, [*observer.callbacks(), *callbacks])
+        model, history = train_model(
+            config, setup, [*observer.callbacks(), *callbacks], transforms
+        )
         timings["train_s"] = time.perf_counter() - t0
         result = score_model(model, history, config, setup, setup.val_ids, timings=timings)
+        result.transforms = [*config.augment.extra, *(transform_name(t) for t in transforms)]
     except BaseException as err:
         observer.run_failed(err)
         raise
