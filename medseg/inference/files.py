@@ -171,7 +171,7 @@ def predict_files(
                 log(f"{case_id}: {seg_path} exists, skipped")
             continue
         record = read_case(case_id, path)
-        _check_channels(models, record.image, path)
+        _check_channels(models, record.image, path, plan.slab)
         labels, probs = predict_case(
             models,
             record.image,
@@ -185,6 +185,7 @@ def predict_files(
             mirror_axes=mirror_axes,
             stride=plan.stride,
             probabilities=probabilities,
+            slab=plan.slab,
         )
         labels = apply_postprocessing(labels, plan.postprocessing, record.spacing)
         outputs = [(seg_path, labels)]
@@ -206,12 +207,14 @@ def predict_files(
     return written
 
 
-def _check_channels(models, image: np.ndarray, path: Path) -> None:
+def _check_channels(models, image: np.ndarray, path: Path, slab: int | None = None) -> None:
     channels = 1 if image.ndim == 3 else int(image.shape[-1])
     for model in models:
         inputs = getattr(model, "inputs", None)
         expected = inputs[0].shape[-1] if inputs else None
-        if expected is not None and int(expected) != channels:
+        if expected is not None and int(expected) != channels * (slab or 1):
+            per_slice = f" ({int(expected) / (slab or 1):g} per slice of its {slab}-slice slabs)"
             raise MedsegIOError(
                 f"{path}: image has {channels} channel(s) but the model takes {int(expected)}"
+                + (per_slice if slab else "")
             )

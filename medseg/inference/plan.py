@@ -40,6 +40,9 @@ class PredictionPlan:
     postprocessing : dict or None
         A :func:`~medseg.inference.postprocess.decide_postprocessing` decision applied to
         every predicted label map; None applies none.
+    slab : int or None
+        A 2D slab model's slice count (``patch.mode="slice"``: ``patch_size[0]``), or None
+        for a 3D model.
     """
 
     preprocess: PreprocessPlan
@@ -47,6 +50,7 @@ class PredictionPlan:
     patch_size: tuple[int, ...]
     stride: int | tuple[int, ...] | None = None
     postprocessing: dict[str, Any] | None = field(default=None, compare=False)
+    slab: int | None = None
 
     @classmethod
     def from_config(
@@ -69,6 +73,7 @@ class PredictionPlan:
             patch_size=tuple(int(p) for p in config.patch.patch_size),
             stride=stride if isinstance(stride, int) else tuple(int(s) for s in stride),
             postprocessing=postprocessing,
+            slab=int(config.patch.patch_size[0]) if config.patch.mode == "slice" else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,6 +84,7 @@ class PredictionPlan:
             "stride": self.stride if self.stride is None or isinstance(self.stride, int)
             else list(self.stride),
             **({"postprocessing": self.postprocessing} if self.postprocessing else {}),
+            **({"slab": self.slab} if self.slab else {}),
         }
 
     @classmethod
@@ -124,7 +130,10 @@ class PredictionPlan:
             from medseg.inference.postprocess import check_postprocessing
 
             postprocessing = check_postprocessing(postprocessing, f"{where}: 'postprocessing'")
-        return cls(preprocess, tuple(names), tuple(patch), stride, postprocessing)
+        slab = values.get("slab")
+        if slab is not None and (not isinstance(slab, int) or slab < 1 or slab % 2 == 0):
+            raise ValueError(f"{where}: 'slab' must be an odd positive integer, got {slab!r}")
+        return cls(preprocess, tuple(names), tuple(patch), stride, postprocessing, slab)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> PredictionPlan:

@@ -11,7 +11,7 @@ from medseg.inference.sliding_window import sliding_window_tensor
 from medseg.pipeline.preprocess import PreprocessPlan, anisotropic_axis, preprocess_case
 from medseg.pipeline.spatial import resize_axis
 
-__all__ = ["predict_case", "resample_chunks", "to_source_grid"]
+__all__ = ["predict_case", "resample_chunks", "slabs", "to_source_grid"]
 
 # output slices resampled at a time: bounds the full-resolution float working memory
 _CHUNK_SLICES = 16
@@ -31,6 +31,7 @@ def predict_case(
     mirror_axes: Sequence[int] = (),
     stride: int | None = None,
     probabilities: bool = True,
+    slab: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Predict a label map for one case on its original grid.
 
@@ -56,6 +57,11 @@ def predict_case(
         Also return the probabilities on the original grid (``K`` floats per voxel: for a
         large CT, several times the memory of the image). Labels alone are computed slab
         by slab.
+    slab : int, optional
+        The model is a 2D slab model (``patch.mode="slice"``) taking ``slab`` slices
+        stacked as channels: every slice of the preprocessed volume is predicted from the
+        slab centred on it (the volume's first and last slices mirrored beyond its ends),
+        with a 2D sliding window of ``patch_size[1:]``.
 
     Returns
     -------
@@ -74,17 +80,18 @@ def predict_case(
     prepared, _, (start, stop) = preprocess_case(
         tf.convert_to_tensor(image), None, spacing_tensor, plan, return_box=True
     )
-    probs = sliding_window_tensor(
-        prepared,
-        model,
-        patch_size,
-        num_classes,
-        overlap,
-        batch_size,
-        weighting,
+    window = dict(
+        num_classes=num_classes,
+        overlap=overlap,
+        batch_size=batch_size,
+        weighting=weighting,
         mirror_axes=mirror_axes,
         stride=stride,
     )
+    if slab is None:
+        probs = sliding_window_tensor(prepared, model, patch_size, **window)
+    else:
+        probs = _predict_slabs(prepared, model, slab, patch_size, window)
     nearest_axis = -1
     if plan.target_spacing is not None:
         # back from the plan's spacing to the source's, under the same anisotropy rule
@@ -93,6 +100,42 @@ def predict_case(
         )
     box = (tuple(int(v) for v in start.numpy()), tuple(int(v) for v in stop.numpy()))
     return to_source_grid(probs, source_shape, probabilities, box=box, nearest_axis=nearest_axis)
+
+
+def slabs(volume: tf.Tensor, k: int) -> Iterator[tf.Tensor]:
+    """Each slice's ``k``-slice slab as a 2D input ``(H, W, k*C)``, in slice order.
+
+    The slab of slice ``z`` holds slices ``z - k//2 .. z + k//2``, mirrored beyond the
+    volume's ends; channels are slice-major, as in training
+    (:func:`~medseg.pipeline.patches.slab_to_slice`).
+    """
+    if k < 1 or k % 2 == 0:
+        raise ValueError(f"slab={k}: slab models take an odd number of slices")
+    half = k // 2
+    depth = int(volume.shape[0])
+    index = np.arange(-half, depth + half)
+    index = np.where(index < 0, -index - 1, index)  # mirrored, edge slice included
+    index = np.where(index >= depth, 2 * depth - index - 1, index)
+    padded = tf.gather(volume, np.clip(index, 0, depth - 1))
+    h, w, c = (int(v) for v in volume.shape[1:])
+    for z in range(depth):
+        block = padded[z : z + k]
+        yield tf.reshape(tf.transpose(block, [1, 2, 0, 3]), [h, w, k * c])
+
+
+def _predict_slabs(prepared, model, k, patch_size, window) -> tf.Tensor:
+    if len(patch_size) != 3 or int(patch_size[0]) != k:
+        raise ValueError(
+            f"slab={k} needs the training patch size (k, H, W) with k = {k}, got "
+            f"{tuple(patch_size)}"
+        )
+    stride = window["stride"]
+    if stride is not None and not np.isscalar(stride):
+        window = {**window, "stride": tuple(stride)[-2:]}
+    mirror = [a - 1 for a in window["mirror_axes"] if a > 0]  # in-plane axes only
+    window = {**window, "mirror_axes": mirror}
+    plane = tuple(int(p) for p in patch_size[1:])
+    return tf.stack([sliding_window_tensor(x, model, plane, **window) for x in slabs(prepared, k)])
 
 
 def to_source_grid(

@@ -129,7 +129,9 @@ def prepare_data(config: Config) -> DataSetup:
         fingerprint, plan, config.patch.patch_size, builder.info.full_name, config.patch.mode
     )
     if config.plan.mode == "none":
-        check_input_shape(config.patch.patch_size, config.model.depth)
+        # a slab model's network sees the in-plane size only (the slices are channels)
+        window = config.patch.patch_size[1:] if config.patch.mode == "slice" else None
+        check_input_shape(window or config.patch.patch_size, config.model.depth)
     ids = read_case_ids(builder, data.split)
     train_ids, val_ids = split_cases(ids, data.validation_fraction, config.seed)
     return DataSetup(
@@ -289,6 +291,7 @@ def evaluate_cases(
             mirror_axes=config.inference.mirror_axes,
             stride=network_stride(config, setup),
             probabilities=False,
+            slab=config.patch.patch_size[0] if config.patch.mode == "slice" else None,
         )
         truth = ex["label"]
         scores = score_case(
