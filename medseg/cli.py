@@ -366,7 +366,14 @@ def cmd_run(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from medseg.inference import PredictionPlan, is_model_uri, load_model_file, predict_files
+    from medseg.config import InferenceConfig
+    from medseg.inference import (
+        PredictionPlan,
+        SlidingWindow,
+        is_model_uri,
+        load_model_file,
+        predict_files,
+    )
     from medseg.inference.postprocess import describe_postprocessing, load_postprocessing
 
     def load(model):
@@ -395,15 +402,19 @@ def cmd_predict(args) -> None:
     if plan.postprocessing:
         print(f"postprocessing: {describe_postprocessing(plan.postprocessing)}")
     models = [load(model) for model in args.model]
+    # the inferer, configured once from the plan and these options (checked as config keys)
+    inference = InferenceConfig(
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        weighting=args.weighting,
+        mirror_axes=(0, 1, 2) if args.mirror else (),
+    )
     written = predict_files(
         models,
         plan,
         args.inputs,
         args.output,
-        overlap=args.overlap,
-        batch_size=args.batch_size,
-        weighting=args.weighting,
-        mirror_axes=(0, 1, 2) if args.mirror else (),
+        window=SlidingWindow.from_plan(plan, inference),
         probabilities=args.probabilities,
         overwrite=args.overwrite,
     )

@@ -17,6 +17,7 @@ from medseg.pipeline import (
     resample_labels,
     resampled_shape,
 )
+from medseg.pipeline.geometry import prepare_case
 from medseg.pipeline.preprocess import (
     anisotropic_axis,
     crop_to_box,
@@ -272,12 +273,20 @@ def test_preprocess_case_crops_image_and_label_together():
         target_spacing=None, clip=None, mean=None, std=None, normalize="none",
         crop_to_nonzero=True,
     )  # fmt: skip
-    out, out_label, (start, stop) = preprocess_case(
-        tf.constant(image), tf.constant(label), tf.constant([1.0, 1.0, 1.0]), plan, return_box=True
+    out, out_label = preprocess_case(
+        tf.constant(image), tf.constant(label), tf.constant([1.0, 1.0, 1.0]), plan
     )
     np.testing.assert_array_equal(out.numpy()[..., 0], image[1:5, 2:9, 3:7])
     np.testing.assert_array_equal(out_label.numpy(), label[1:5, 2:9, 3:7])
-    assert start.numpy().tolist() == [1, 2, 3] and stop.numpy().tolist() == [5, 9, 7]
+    # for prediction, the geometry record holds the box and maps results back into it
+    prepared, geometry = prepare_case(image, (1.0, 1.0, 1.0), plan)
+    np.testing.assert_array_equal(prepared.numpy(), out.numpy())
+    assert geometry.start == (1, 2, 3) and geometry.stop == (5, 9, 7)
+    assert geometry.source_shape == image.shape and geometry.nearest_axis == -1
+    onehot = tf.one_hot(out_label, 3)
+    labels, probs = geometry.invert(onehot)
+    np.testing.assert_array_equal(labels, label)  # the label, put back in its place
+    np.testing.assert_array_equal(probs[..., 0][label == 0], 1.0)  # outside: background
 
 
 def test_pad_to_shape_matches_numpy_and_leaves_large_axes():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
 import pytest
 
 from medseg.inference import (
+    SlidingWindow,
+    WeightedMerger,
     gaussian_importance,
     mirror_flips,
     predict_sliding_window,
@@ -422,3 +425,56 @@ def test_multi_output_model_uses_its_first_output():
     expected = predict_sliding_window(image, single, (4, 4, 4), 3, overlap=0.5)
     np.testing.assert_array_equal(result, expected)
     np.testing.assert_allclose(result, single.predict_on_batch(image[None])[0], atol=1e-6)
+
+
+# -- the inferer configured once, and its merger -------------------------------------------
+
+
+def test_weighted_merger_is_the_weighted_mean_of_what_it_is_given():
+    rng = np.random.default_rng(4)
+    weights = rng.uniform(0.1, 1.0, size=(3, 4))
+    merger = WeightedMerger((5, 6), weights)
+    windows = [(slice(0, 3), slice(0, 4)), (slice(2, 5), slice(1, 5)), (slice(1, 4), slice(2, 6))]
+    patches = [rng.uniform(size=(3, 4, 2)) for _ in windows]
+    for window, probs in zip(windows, patches, strict=True):
+        merger.add(window, probs)
+    num, den = np.zeros((5, 6, 2)), np.zeros((5, 6))
+    for window, probs in zip(windows, patches, strict=True):
+        num[window] += weights[..., None] * probs
+        den[window] += weights
+    covered = den > 0
+    np.testing.assert_allclose(merger.result()[covered], (num / den[..., None])[covered], rtol=1e-6)
+    crop = (slice(1, 4), slice(2, 4))
+    np.testing.assert_allclose(merger.result(crop), (num / den[..., None])[crop], rtol=1e-6)
+    with pytest.raises(ValueError, match="no patch was added"):
+        WeightedMerger((2, 2), np.ones((1, 1))).result()
+
+
+def test_sliding_window_from_a_plan_is_configured_once_and_called_per_image():
+    from medseg.config import InferenceConfig
+    from medseg.inference import PredictionPlan
+    from medseg.pipeline import PreprocessPlan
+
+    plan = PredictionPlan(
+        PreprocessPlan(target_spacing=None, clip=None, mean=0.0, std=1.0),
+        ("background", "a", "b"), patch_size=(4, 4, 4), stride=(1, 2, 2),
+    )
+    inference = InferenceConfig(overlap=0.25, batch_size=3, weighting="mean", mirror_axes=(0, 2))
+    window = SlidingWindow.from_plan(plan, inference)
+    assert window == SlidingWindow((4, 4, 4), 0.25, 3, "mean", (0, 2), (1, 2, 2))
+    rng = np.random.default_rng(5)
+    for shape in [(6, 7, 5), (9, 4, 8)]:  # the same inferer, two images
+        image = coordinate_image(shape, rng)
+        predict_fn = make_predict_fn(3, image.shape[-1])
+        expected = predict_sliding_window(
+            image, predict_fn, (4, 4, 4), NUM_CLASSES, 0.25, 3, "mean",
+            mirror_axes=(0, 2), stride=(1, 2, 2),
+        )
+        np.testing.assert_array_equal(window(image, predict_fn, NUM_CLASSES).numpy(), expected)
+    # a slab model's window is in-plane: its slices are channels
+    slab = dataclasses.replace(plan, patch_size=(3, 8, 8), slab=3)
+    assert SlidingWindow.from_plan(slab, inference) == SlidingWindow(
+        (8, 8), 0.25, 3, "mean", (1,), (2, 2)
+    )
+    with pytest.raises(ValueError, match=r"overlap must be in \[0, 1\)"):
+        SlidingWindow((4, 4), overlap=1.0)

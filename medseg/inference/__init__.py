@@ -10,6 +10,8 @@ from medseg.inference.files import (
 from medseg.inference.plan import PredictionPlan
 from medseg.inference.predictor import predict_case, resample_chunks, to_source_grid
 from medseg.inference.sliding_window import (
+    SlidingWindow,
+    WeightedMerger,
     as_predictor,
     gaussian_importance,
     mirror_flips,
@@ -21,6 +23,8 @@ from medseg.inference.sliding_window import (
 
 __all__ = [
     "PredictionPlan",
+    "SlidingWindow",
+    "WeightedMerger",
     "as_predictor",
     "find_inputs",
     "gaussian_importance",

@@ -17,9 +17,11 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from medseg.config import InferenceConfig
 from medseg.inference.plan import PredictionPlan
 from medseg.inference.postprocess import apply_postprocessing
 from medseg.inference.predictor import predict_case
+from medseg.inference.sliding_window import SlidingWindow
 from medseg.io import MedsegIOError, read_case, write_like, write_nifti
 from medseg.io.nifti import nifti_suffix
 
@@ -120,10 +122,7 @@ def predict_files(
     inputs: Sequence[str | os.PathLike],
     output_dir: str | os.PathLike,
     *,
-    overlap: float = 0.5,
-    batch_size: int = 2,
-    weighting: str = "gaussian",
-    mirror_axes: Sequence[int] = (),
+    window: SlidingWindow | None = None,
     probabilities: bool = False,
     overwrite: bool = False,
     log: Callable[[str], None] | None = print,
@@ -141,8 +140,9 @@ def predict_files(
         See :func:`find_inputs`.
     output_dir : path
         Created if missing.
-    overlap, batch_size, weighting, mirror_axes
-        See :func:`~medseg.inference.predict_sliding_window`.
+    window : SlidingWindow, optional
+        The inferer, configured once (:meth:`SlidingWindow.from_plan`); default the plan's
+        window with the default ``inference.*`` settings.
     probabilities : bool, optional
         Also write ``<case>_prob.nii.gz``.
     overwrite : bool, optional
@@ -162,6 +162,7 @@ def predict_files(
         Naming the file that cannot be read or does not fit the model.
     """
     cases = find_inputs(inputs)
+    window = window or SlidingWindow.from_plan(plan, InferenceConfig())
     models = list(model) if isinstance(model, list | tuple) else [model]
     written: list[Path] = []
     for case_id, path in cases:
@@ -179,13 +180,9 @@ def predict_files(
             plan.preprocess,
             plan.patch_size,
             len(plan.class_names),
-            overlap,
-            batch_size,
-            weighting=weighting,
-            mirror_axes=mirror_axes,
-            stride=plan.stride,
             probabilities=probabilities,
             slab=plan.slab,
+            window=window,
         )
         labels = apply_postprocessing(labels, plan.postprocessing, record.spacing)
         outputs = [(seg_path, labels)]

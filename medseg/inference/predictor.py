@@ -7,14 +7,11 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from medseg.inference.sliding_window import sliding_window_tensor
-from medseg.pipeline.preprocess import PreprocessPlan, anisotropic_axis, preprocess_case
-from medseg.pipeline.spatial import resize_axis
+from medseg.inference.sliding_window import SlidingWindow
+from medseg.pipeline.geometry import prepare_case, resample_chunks, to_source_grid
+from medseg.pipeline.preprocess import PreprocessPlan
 
 __all__ = ["predict_case", "resample_chunks", "slabs", "to_source_grid"]
-
-# output slices resampled at a time: bounds the full-resolution float working memory
-_CHUNK_SLICES = 16
 
 
 def predict_case(
@@ -32,6 +29,7 @@ def predict_case(
     stride: int | None = None,
     probabilities: bool = True,
     slab: int | None = None,
+    window: SlidingWindow | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Predict a label map for one case on its original grid.
 
@@ -62,6 +60,10 @@ def predict_case(
         stacked as channels: every slice of the preprocessed volume is predicted from the
         slab centred on it (the volume's first and last slices mirrored beyond its ends),
         with a 2D sliding window of ``patch_size[1:]``.
+    window : SlidingWindow, optional
+        A configured inferer (:meth:`SlidingWindow.from_plan`); replaces ``patch_size``'s
+        window settings (``overlap``, ``batch_size``, ``weighting``, ``mirror_axes``,
+        ``stride``). For a slab model it is the in-plane window.
 
     Returns
     -------
@@ -75,31 +77,38 @@ def predict_case(
     image = np.asarray(image)
     if image.ndim not in (3, 4):
         raise ValueError(f"image must be (D, H, W) or (D, H, W, C), got shape {image.shape}")
-    source_shape = tuple(int(s) for s in image.shape[:3])
-    spacing_tensor = tf.constant(spacing, tf.float64)
-    prepared, _, (start, stop) = preprocess_case(
-        tf.convert_to_tensor(image), None, spacing_tensor, plan, return_box=True
-    )
-    window = dict(
-        num_classes=num_classes,
-        overlap=overlap,
-        batch_size=batch_size,
-        weighting=weighting,
-        mirror_axes=mirror_axes,
-        stride=stride,
-    )
-    if slab is None:
-        probs = sliding_window_tensor(prepared, model, patch_size, **window)
-    else:
-        probs = _predict_slabs(prepared, model, slab, patch_size, window)
-    nearest_axis = -1
-    if plan.target_spacing is not None:
-        # back from the plan's spacing to the source's, under the same anisotropy rule
-        nearest_axis = int(
-            anisotropic_axis(plan.target_spacing, spacing, plan.anisotropy_threshold)
+    prepared, geometry = prepare_case(image, spacing, plan)
+    if slab is not None:
+        if len(patch_size) != 3 or int(patch_size[0]) != slab:
+            raise ValueError(
+                f"slab={slab} needs the training patch size (k, H, W) with k = {slab}, got "
+                f"{tuple(patch_size)}"
+            )
+    if window is None:
+        plane = slab is not None
+        window = SlidingWindow(
+            tuple(int(p) for p in (patch_size[1:] if plane else patch_size)),
+            overlap,
+            batch_size,
+            weighting,
+            # a slab model mirrors in-plane only (its slices are channels)
+            tuple(a - 1 for a in mirror_axes if a > 0) if plane else tuple(mirror_axes),
+            _plane_stride(stride) if plane else _as_stride(stride),
         )
-    box = (tuple(int(v) for v in start.numpy()), tuple(int(v) for v in stop.numpy()))
-    return to_source_grid(probs, source_shape, probabilities, box=box, nearest_axis=nearest_axis)
+    if slab is None:
+        probs = window(prepared, model, num_classes)
+    else:
+        probs = tf.stack([window(x, model, num_classes) for x in slabs(prepared, slab)])
+    return geometry.invert(probs, probabilities)
+
+
+def _as_stride(stride):
+    return stride if stride is None or np.isscalar(stride) else tuple(int(s) for s in stride)
+
+
+def _plane_stride(stride):
+    stride = _as_stride(stride)
+    return stride if stride is None or np.isscalar(stride) else stride[-2:]
 
 
 def slabs(volume: tf.Tensor, k: int) -> Iterator[tf.Tensor]:
@@ -121,127 +130,3 @@ def slabs(volume: tf.Tensor, k: int) -> Iterator[tf.Tensor]:
     for z in range(depth):
         block = padded[z : z + k]
         yield tf.reshape(tf.transpose(block, [1, 2, 0, 3]), [h, w, k * c])
-
-
-def _predict_slabs(prepared, model, k, patch_size, window) -> tf.Tensor:
-    if len(patch_size) != 3 or int(patch_size[0]) != k:
-        raise ValueError(
-            f"slab={k} needs the training patch size (k, H, W) with k = {k}, got "
-            f"{tuple(patch_size)}"
-        )
-    stride = window["stride"]
-    if stride is not None and not np.isscalar(stride):
-        window = {**window, "stride": tuple(stride)[-2:]}
-    mirror = [a - 1 for a in window["mirror_axes"] if a > 0]  # in-plane axes only
-    window = {**window, "mirror_axes": mirror}
-    plane = tuple(int(p) for p in patch_size[1:])
-    return tf.stack([sliding_window_tensor(x, model, plane, **window) for x in slabs(prepared, k)])
-
-
-def to_source_grid(
-    probs: tf.Tensor,
-    source_shape: Sequence[int],
-    probabilities: bool = True,
-    *,
-    box: tuple[Sequence[int], Sequence[int]] | None = None,
-    nearest_axis: int = -1,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Resample ``(d, h, w, K)`` probabilities to the source grid and take the argmax.
-
-    Undoes :func:`~medseg.pipeline.preprocess.preprocess_case`: resampling (linear, as
-    :func:`~medseg.pipeline.preprocess.resample`; nearest along ``nearest_axis``), slab by
-    slab, into the crop ``box``; voxels outside it are background (class 0).
-
-    Parameters
-    ----------
-    probs : tf.Tensor
-        ``(d, h, w, K)`` probabilities on the preprocessed grid.
-    source_shape : sequence of 3 int
-        Shape of the original image.
-    probabilities : bool, optional
-        Also return the resampled probabilities.
-    box : (start, stop), optional
-        Where the preprocessed grid lies in the source grid (``stop`` exclusive); default
-        the whole grid.
-    nearest_axis : int, optional
-        Axis resampled by nearest neighbour (-1: none), see
-        :func:`~medseg.pipeline.preprocess.anisotropic_axis`.
-
-    Returns
-    -------
-    labels : np.ndarray
-        ``source_shape`` uint8.
-    probabilities : np.ndarray or None
-        ``(*source_shape, K)`` float32 if ``probabilities``.
-    """
-    source_shape = tuple(int(s) for s in source_shape)
-    start, stop = box if box is not None else ((0, 0, 0), source_shape)
-    start, stop = tuple(int(v) for v in start), tuple(int(v) for v in stop)
-    inner = tuple(b - a for a, b in zip(start, stop, strict=True))
-    num_classes = int(probs.shape[-1])
-    labels = np.zeros(source_shape, np.uint8)
-    full = None
-    if probabilities:
-        full = np.zeros((*source_shape, num_classes), np.float32)
-        full[..., 0] = 1.0  # outside the crop box: background
-    region = (slice(start[1], stop[1]), slice(start[2], stop[2]))
-    for first, chunk in resample_chunks(probs, inner, nearest_axis=nearest_axis):
-        rows = slice(start[0] + first, start[0] + first + int(chunk.shape[0]))
-        labels[(rows, *region)] = tf.cast(tf.argmax(chunk, axis=-1), tf.uint8).numpy()
-        if full is not None:
-            full[(rows, *region)] = chunk.numpy()
-    return labels, full
-
-
-def resample_chunks(
-    volume: tf.Tensor,
-    new_shape: Sequence[int],
-    slices: int = _CHUNK_SLICES,
-    nearest_axis: int = -1,
-) -> Iterator[tuple[int, tf.Tensor]]:
-    """:func:`~medseg.pipeline.preprocess.resample`, a slab of output slices at a time.
-
-    The same separable interpolation in the same axis order (:func:`resize_axis` along
-    axis 0, then 1, then 2; half-pixel-centre coordinates ``(o + 0.5) * in / out - 0.5``
-    clamped at the ends), but each slab reads only the input slices it interpolates from:
-    memory is that of one slab at full resolution, not of the volume.
-
-    Parameters
-    ----------
-    volume : tf.Tensor
-        ``(d, h, w, C)`` float32.
-    new_shape : sequence of 3 int
-        Output spatial shape ``(D, H, W)``.
-    slices : int, optional
-        Output slices per slab.
-    nearest_axis : int, optional
-        Axis interpolated by nearest neighbour instead (-1: none).
-
-    Yields
-    ------
-    start : int
-        Index of the slab's first output slice.
-    slab : tf.Tensor
-        ``(n, H, W, C)`` float32, output slices ``start .. start + n - 1``.
-    """
-    volume = tf.convert_to_tensor(volume, tf.float32)
-    depth = int(volume.shape[0])
-    out_depth, out_height, out_width = (int(s) for s in new_shape)
-    # axis 0 by hand, in float64 as resize_axis computes it, so slabs match resample()
-    o = np.arange(out_depth, dtype=np.float64)
-    coords = np.clip((o + 0.5) * depth / out_depth - 0.5, 0.0, depth - 1.0)
-    lower = np.floor(coords)
-    fraction = coords - lower
-    if nearest_axis == 0:
-        fraction = (fraction >= 0.5).astype(np.float64)
-    lower = lower.astype(np.int64)
-    upper = np.minimum(lower + 1, depth - 1)
-    for first in range(0, out_depth, slices):
-        last = min(first + slices, out_depth)
-        top = tf.gather(volume, lower[first:last])
-        bottom = tf.gather(volume, upper[first:last])
-        weight = tf.constant(fraction[first:last].astype(np.float32))[:, None, None, None]
-        slab = top + (bottom - top) * weight
-        for axis, size in ((1, out_height), (2, out_width)):
-            slab = resize_axis(slab, axis, size, nearest=tf.constant(nearest_axis == axis))
-        yield first, slab

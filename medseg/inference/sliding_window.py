@@ -15,6 +15,7 @@ import itertools
 import math
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -22,6 +23,8 @@ import tensorflow as tf
 from scipy import ndimage
 
 __all__ = [
+    "SlidingWindow",
+    "WeightedMerger",
     "as_predictor",
     "gaussian_importance",
     "mirror_flips",
@@ -202,6 +205,163 @@ def predict_batch(
     return total if count == 1 else total / count
 
 
+class WeightedMerger:
+    """Accumulates weighted patch predictions over a grid and divides once at the end
+    (TorchIO's GridAggregator, MONAI's AvgMerger): ``sum_i w_i p_i / sum_i w_i`` per
+    voxel, exact however many patches overlap (a running pairwise average is not).
+
+    Patches are added with NumPy views on the host: a tf.Variable slice update copies the
+    whole accumulator, and each eager op costs milliseconds.
+    """
+
+    def __init__(self, shape: Sequence[int], weights: np.ndarray):
+        self.shape = tuple(int(s) for s in shape)
+        self.weights = np.asarray(weights, np.float32)
+        self._summed = self._weight_sum = self._scratch = None
+
+    def add(self, window: tuple[slice, ...], probs: np.ndarray) -> None:
+        """Add one patch's ``(*patch, K)`` prediction at ``window``."""
+        if self._summed is None:
+            self._summed = np.zeros((*self.shape, probs.shape[-1]), np.float32)
+            self._weight_sum = np.zeros(self.shape, np.float32)
+            self._scratch = np.empty(probs.shape, np.float32)
+        self._summed[window] += np.multiply(probs, self.weights[..., None], out=self._scratch)
+        self._weight_sum[window] += self.weights
+
+    def result(self, crop: tuple[slice, ...] | None = None) -> np.ndarray:
+        """The merged ``(*shape, K)`` probabilities (of ``crop`` only, if given).
+
+        A new array: the accumulators stay as they are, so patches may still be added.
+        """
+        if self._summed is None:
+            raise ValueError("no patch was added")
+        crop = crop or tuple(slice(None) for _ in self.shape)
+        return self._summed[crop] / self._weight_sum[crop][..., None]
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """A sliding-window inferer configured once, called per image: ``window(image, models)``.
+
+    Attributes
+    ----------
+    patch_size : tuple of int
+        Spatial shape of a patch (the training patch).
+    overlap, batch_size, weighting, mirror_axes, stride, pad_value
+        As in :func:`predict_sliding_window`.
+    """
+
+    patch_size: tuple[int, ...]
+    overlap: float = 0.5
+    batch_size: int = 2
+    weighting: str = "gaussian"
+    mirror_axes: tuple[int, ...] = ()
+    stride: int | tuple[int, ...] | None = None
+    pad_value: float | None = None
+
+    def __post_init__(self):
+        if any(int(p) < 1 for p in self.patch_size):
+            raise ValueError(f"patch_size {tuple(self.patch_size)} must be positive")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.weighting not in ("gaussian", "mean"):
+            raise ValueError(f"weighting must be 'gaussian' or 'mean', got {self.weighting!r}")
+
+    @classmethod
+    def from_plan(cls, plan, inference) -> SlidingWindow:
+        """The window of a :class:`~medseg.inference.PredictionPlan` (patch, stride) with
+        the settings of an :class:`~medseg.config.InferenceConfig`. For a slab model the
+        window is the in-plane patch."""
+        patch, stride = tuple(plan.patch_size), plan.stride
+        mirror = tuple(inference.mirror_axes)
+        if getattr(plan, "slab", None):  # in-plane: the slab's slices are channels
+            patch = patch[1:]
+            stride = stride if stride is None or np.isscalar(stride) else tuple(stride)[-2:]
+            mirror = tuple(a - 1 for a in mirror if a > 0)
+        return cls(
+            patch_size=tuple(int(p) for p in patch),
+            overlap=float(inference.overlap),
+            batch_size=int(inference.batch_size),
+            weighting=inference.weighting,
+            mirror_axes=mirror,
+            stride=stride if stride is None or np.isscalar(stride) else tuple(stride),
+        )
+
+    def __call__(self, image, model, num_classes: int | None = None) -> tf.Tensor:
+        """``(*spatial, K)`` probabilities of ``image`` ``(*spatial, C)`` (a tf.Tensor)."""
+        image = tf.convert_to_tensor(image, tf.float32)
+        patch_size = tuple(int(p) for p in self.patch_size)
+        ndim = len(patch_size)
+        spatial = tuple(int(s) for s in image.shape[:-1])
+        if image.shape.rank < 2 or len(spatial) != ndim:
+            raise ValueError(
+                f"image of shape {tuple(image.shape)} must be (*spatial, C) with {ndim} "
+                f"spatial axes to match patch_size {patch_size}"
+            )
+        if self.weighting == "gaussian":
+            weights = gaussian_importance(patch_size)
+        else:
+            weights = np.ones(patch_size, dtype=np.float32)
+        models = list(model) if isinstance(model, list | tuple) else [model]
+        if not models:
+            raise ValueError("no model given")
+        predictors = [as_predictor(m) for m in models]
+        flips = mirror_flips(self.mirror_axes, ndim)
+
+        # full-image mode: an image no larger than a patch is predicted in one pass,
+        # padded only up to the network's stride (a multiple of it is all a U-Net needs)
+        stride = self.stride
+        whole = stride is not None and all(
+            s <= p for s, p in zip(spatial, patch_size, strict=True)
+        )
+        if whole:
+            strides = (int(stride),) * ndim if np.isscalar(stride) else tuple(int(s) for s in stride)
+            target = [-(-s // k) * k for s, k in zip(spatial, strides, strict=True)]
+        else:
+            target = [max(s, p) for s, p in zip(spatial, patch_size, strict=True)]
+        # pad symmetrically and remember how to crop back
+        before = [(t - s) // 2 for s, t in zip(spatial, target, strict=True)]
+        if any(t > s for s, t in zip(spatial, target, strict=True)):
+            fill = tf.reduce_min(image) if self.pad_value is None else float(self.pad_value)
+            widths = [(b, t - s - b) for s, t, b in zip(spatial, target, before, strict=True)]
+            image = tf.pad(image, [*widths, (0, 0)], constant_values=fill)
+        crop = tuple(slice(b, b + s) for b, s in zip(before, spatial, strict=True))
+
+        def checked(probs, batch):
+            expected = (*batch.shape[:-1], num_classes or probs.shape[-1])
+            if tuple(probs.shape) != tuple(expected):
+                raise ValueError(
+                    f"the model returned shape {tuple(probs.shape)} for a batch of shape "
+                    f"{tuple(batch.shape)}; expected {tuple(expected)}"
+                )
+            return probs
+
+        if whole:
+            batch = image[None]
+            return checked(predict_batch(predictors, batch, flips), batch)[0][crop]
+
+        padded = tuple(int(s) for s in image.shape[:-1])
+        starts = itertools.product(
+            *(window_starts(s, p, self.overlap) for s, p in zip(padded, patch_size, strict=True))
+        )
+        windows = [
+            tuple(slice(o, o + p) for o, p in zip(origin, patch_size, strict=True))
+            for origin in starts
+        ]
+        # only whole batches go through TensorFlow; cutting and merging are host views
+        image = image.numpy()
+        merger = WeightedMerger(padded, weights)
+        for first in range(0, len(windows), self.batch_size):
+            batch_windows = windows[first : first + self.batch_size]
+            batch = tf.constant(np.stack([image[window] for window in batch_windows]))
+            probs = np.asarray(checked(predict_batch(predictors, batch, flips), batch))
+            for index, window in enumerate(batch_windows):
+                merger.add(window, probs[index])
+        return tf.constant(merger.result(crop))
+
+
 def sliding_window_tensor(
     image,
     model: Callable | Sequence[Callable],
@@ -215,98 +375,18 @@ def sliding_window_tensor(
     mirror_axes: Sequence[int] = (),
     stride: int | Sequence[int] | None = None,
 ) -> tf.Tensor:
-    """`predict_sliding_window` returning a `tf.Tensor` (what `to_source_grid` takes).
-
-    Batches run through TensorFlow on its device; cutting patches and merging them are
-    NumPy view operations on the host, which cost a few per cent of the forward passes
-    (``benchmarks/inference.py``).
-    """
-    image = tf.convert_to_tensor(image, tf.float32)
-    patch_size = tuple(int(p) for p in patch_size)
-    ndim = len(patch_size)
-    spatial = tuple(int(s) for s in image.shape[:-1])
-    if image.shape.rank < 2 or len(spatial) != ndim:
-        raise ValueError(
-            f"image of shape {tuple(image.shape)} must be (*spatial, C) with {ndim} "
-            f"spatial axes to match patch_size {patch_size}"
-        )
-    if any(p < 1 for p in patch_size):
-        raise ValueError(f"patch_size {patch_size} must be positive")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if weighting == "gaussian":
-        weights = gaussian_importance(patch_size)
-    elif weighting == "mean":
-        weights = np.ones(patch_size, dtype=np.float32)
-    else:
-        raise ValueError(f"weighting must be 'gaussian' or 'mean', got {weighting!r}")
-    models = list(model) if isinstance(model, list | tuple) else [model]
-    if not models:
-        raise ValueError("no model given")
-    predictors = [as_predictor(m) for m in models]
-    flips = mirror_flips(mirror_axes, ndim)
-
-    # full-image mode: an image no larger than a patch is predicted in one pass, padded
-    # only up to the network's stride (a multiple of it is all a U-Net needs)
-    whole = stride is not None and all(s <= p for s, p in zip(spatial, patch_size, strict=True))
-    if whole:
-        strides = (int(stride),) * ndim if np.isscalar(stride) else tuple(int(s) for s in stride)
-        target = [-(-s // k) * k for s, k in zip(spatial, strides, strict=True)]
-    else:
-        target = [max(s, p) for s, p in zip(spatial, patch_size, strict=True)]
-    # pad symmetrically and remember how to crop back
-    before = [(t - s) // 2 for s, t in zip(spatial, target, strict=True)]
-    if any(t > s for s, t in zip(spatial, target, strict=True)):
-        fill = tf.reduce_min(image) if pad_value is None else float(pad_value)
-        widths = [(b, t - s - b) for s, t, b in zip(spatial, target, before, strict=True)]
-        image = tf.pad(image, [*widths, (0, 0)], constant_values=fill)
-    crop = tuple(slice(b, b + s) for b, s in zip(before, spatial, strict=True))
-
-    def checked(probs, batch):
-        expected = (*batch.shape[:-1], num_classes or probs.shape[-1])
-        if tuple(probs.shape) != tuple(expected):
-            raise ValueError(
-                f"the model returned shape {tuple(probs.shape)} for a batch of shape "
-                f"{tuple(batch.shape)}; expected {tuple(expected)}"
-            )
-        return probs
-
-    if whole:
-        batch = image[None]
-        return checked(predict_batch(predictors, batch, flips), batch)[0][crop]
-
-    padded = tuple(int(s) for s in image.shape[:-1])
-    starts = itertools.product(
-        *(window_starts(s, p, overlap) for s, p in zip(padded, patch_size, strict=True))
+    """`predict_sliding_window` returning a `tf.Tensor` (what `to_source_grid` takes):
+    a :class:`SlidingWindow` of these settings, applied once."""
+    window = SlidingWindow(
+        tuple(int(p) for p in patch_size),
+        overlap,
+        batch_size,
+        weighting,
+        tuple(mirror_axes),
+        stride if stride is None or np.isscalar(stride) else tuple(stride),
+        pad_value,
     )
-    windows = [
-        tuple(slice(o, o + p) for o, p in zip(origin, patch_size, strict=True)) for origin in starts
-    ]
-    # accumulate sum(w * p) and sum(w) and divide once at the end: exact for any number of
-    # overlapping patches, unlike a running pairwise average. Patches are cut and merged
-    # with NumPy views on the host; only whole batches go through TensorFlow (a tf.Variable
-    # slice update copies the whole accumulator, and each eager op costs milliseconds)
-    image = image.numpy()
-    weights_channel = weights[..., None]
-    summed = weight_sum = scratch = None
-    for first in range(0, len(windows), batch_size):
-        batch_windows = windows[first : first + batch_size]
-        batch = tf.constant(np.stack([image[window] for window in batch_windows]))
-        probs = np.asarray(checked(predict_batch(predictors, batch, flips), batch))
-        if summed is None:
-            num_classes = int(probs.shape[-1])
-            summed = np.zeros((*padded, num_classes), np.float32)
-            weight_sum = np.zeros(padded, np.float32)
-            scratch = np.empty(probs.shape[1:], np.float32)
-        for index, window in enumerate(batch_windows):
-            summed[window] += np.multiply(probs[index], weights_channel, out=scratch)
-            weight_sum[window] += weights
-
-    summed = summed[crop]
-    summed /= weight_sum[crop][..., None]
-    return tf.constant(summed)
+    return window(image, model, num_classes)
 
 
 def predict_sliding_window(

@@ -345,7 +345,7 @@ def one_hot(label: tf.Tensor, num_classes: int) -> tf.Tensor:
 # -- one case ------------------------------------------------------------------------------
 
 
-def preprocess_case(image, label, spacing, plan: PreprocessPlan, min_shape=None, return_box=False):
+def preprocess_case(image, label, spacing, plan: PreprocessPlan, min_shape=None):
     """Crop, clip, normalize, resample and pad one case.
 
     Parameters
@@ -360,9 +360,6 @@ def preprocess_case(image, label, spacing, plan: PreprocessPlan, min_shape=None,
     plan : PreprocessPlan
     min_shape : sequence of ints, optional
         Pad (image with 0, label with 0) to at least this spatial shape, e.g. the patch size.
-    return_box : bool
-        Also return the crop box ``(start, stop)`` in the input grid (the whole image when
-        the plan does not crop), to put predictions back in place.
 
     Returns
     -------
@@ -370,9 +367,18 @@ def preprocess_case(image, label, spacing, plan: PreprocessPlan, min_shape=None,
         ``(*spatial', C)`` float32.
     label : tf.Tensor or None
         ``(*spatial')`` int32.
-    box : tuple of tf.Tensor
-        Only with ``return_box``.
+
+    See Also
+    --------
+    medseg.pipeline.geometry.prepare_case : the same for prediction, with the way back.
     """
+    image, label, _ = preprocess_with_box(image, label, spacing, plan, min_shape)
+    return image, label
+
+
+def preprocess_with_box(image, label, spacing, plan: PreprocessPlan, min_shape=None):
+    """:func:`preprocess_case`, also returning the crop box ``(start, stop)`` in the input
+    grid (the whole image when the plan does not crop)."""
     spacing = tf.convert_to_tensor(spacing)
     ndim = spacing.shape[0] if spacing.shape.rank == 1 and spacing.shape[0] else 3
     image = tf.cast(image, tf.float32)
@@ -403,6 +409,4 @@ def preprocess_case(image, label, spacing, plan: PreprocessPlan, min_shape=None,
         image = pad_to_shape(image, min_shape)
         if label is not None:
             label = pad_to_shape(label, min_shape)
-    if return_box:
-        return image, label, (start, stop)
-    return image, label
+    return image, label, (start, stop)

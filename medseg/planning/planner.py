@@ -193,7 +193,9 @@ def machine_id(device: str) -> str:
     import os
 
     gpus = ",".join(_gpu_names()) if device == "gpu" else ""
-    return f"{cpu}|{os.cpu_count()} cores|{device}|{gpus}"
+    # oneDNN's instruction-set cap changes conv speed several-fold on one CPU
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+    return f"{cpu}|{os.cpu_count()} cores|{device}|{gpus}" + (f"|isa {isa}" if isa else "")
 
 
 def _ram_budget() -> float:

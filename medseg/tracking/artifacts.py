@@ -23,12 +23,11 @@ from medseg.evaluation.visuals import (
     write_overlay_gif,
     write_slice_montage,
 )
-from medseg.inference import PredictionPlan
 from medseg.inference.postprocess import save_postprocessing
 from medseg.pipeline import read_cases
 from medseg.tracking.callbacks import finite
 from medseg.workflows.cross_validation import CrossValidationResult
-from medseg.workflows.experiment import DataSetup, ExperimentResult, network_stride
+from medseg.workflows.experiment import DataSetup, ExperimentResult, prediction_plan
 
 __all__ = [
     "CASES",
@@ -102,13 +101,7 @@ def log_result(result: ExperimentResult) -> None:
         tmp = Path(tmp)
         (tmp / CONFIG).write_text(result.config.to_json())
         # everything prediction needs besides the model (medseg predict --model runs:/...)
-        plan = PredictionPlan.from_config(
-            result.config,
-            setup.plan,
-            setup.class_names,
-            stride=network_stride(result.config, setup),
-            postprocessing=result.postprocessing,
-        )
+        plan = prediction_plan(result.config, setup, result.postprocessing)
         (tmp / PLAN).write_text(json.dumps(plan.to_dict(), indent=2))
         if result.postprocessing is not None:
             save_postprocessing(result.postprocessing, tmp / POSTPROCESSING)

@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 from medseg import datasets
 from medseg.config import Config
 from medseg.evaluation import score_case, summarize
-from medseg.inference import predict_case
+from medseg.inference import PredictionPlan, SlidingWindow, predict_case
 from medseg.inference.postprocess import Components, component_tables, decide_postprocessing
 from medseg.models import check_input_shape, downsample_targets
 from medseg.pipeline import (
@@ -274,6 +274,8 @@ def evaluate_cases(
     """
     classes = list(range(1, len(setup.class_names)))
     evaluation = config.evaluation
+    plan = prediction_plan(config, setup)
+    window = SlidingWindow.from_plan(plan, config.inference)  # configured once, every case
     results, example = [], None
     split = split or config.data.split
     for ex in read_cases(setup.builder, split, case_ids).as_numpy_iterator():
@@ -285,13 +287,9 @@ def evaluate_cases(
             setup.plan,
             config.patch.patch_size,
             len(setup.class_names),
-            overlap=config.inference.overlap,
-            batch_size=config.inference.batch_size,
-            weighting=config.inference.weighting,
-            mirror_axes=config.inference.mirror_axes,
-            stride=network_stride(config, setup),
             probabilities=False,
-            slab=config.patch.patch_size[0] if config.patch.mode == "slice" else None,
+            slab=plan.slab,
+            window=window,
         )
         truth = ex["label"]
         scores = score_case(
@@ -319,6 +317,20 @@ def evaluate_cases(
                 "n_present": n_present,
             }
     return results, example
+
+
+def prediction_plan(
+    config: Config, setup: DataSetup, postprocessing: dict[str, Any] | None = None
+) -> PredictionPlan:
+    """What prediction with this run's model needs: preprocessing, window, stride, classes
+    (and the postprocessing decided on its validation cases)."""
+    return PredictionPlan.from_config(
+        config,
+        setup.plan,
+        setup.class_names,
+        stride=network_stride(config, setup),
+        postprocessing=postprocessing,
+    )
 
 
 def network_stride(config: Config, setup: DataSetup):
