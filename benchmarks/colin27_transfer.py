@@ -34,11 +34,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from medseg.cli import format_plan  # noqa: E402
 from medseg.config import Config  # noqa: E402
 from medseg.evaluation import score_case  # noqa: E402
 from medseg.inference import predict_case  # noqa: E402
 from medseg.pipeline import read_cases  # noqa: E402
+from medseg.planning import format_plan  # noqa: E402
 from medseg.planning.planner import parse_duration  # noqa: E402
 from medseg.workflows.experiment import network_stride, prepare_data, train_model  # noqa: E402
 

@@ -178,73 +178,15 @@ def cmd_info(args) -> None:
         print(json.dumps(fp, indent=2))
         return
     print(f"{builder.info.full_name} ({builder.data_dir})")
+    from medseg.datasets.fingerprint import format_fingerprint
+
     print(format_fingerprint(fp))
-
-
-def _numbers(values, fmt: str = "{:.3g}") -> str:
-    if values is None:
-        return "n/a"
-    return " x ".join(fmt.format(v) for v in values)
-
-
-def format_fingerprint(fp: dict) -> str:
-    """A dataset fingerprint as the lines ``medseg info`` prints.
-
-    Parameters
-    ----------
-    fp : dict
-        From :func:`medseg.datasets.read_fingerprint`; keys missing from fingerprints of
-        older builds are shown as ``n/a``.
-
-    Returns
-    -------
-    str
-    """
-    lines = [f"cases: {fp['num_cases']}"]
-    total = sum(fp["class_voxel_counts"]) or 1
-    lines.append("classes:                       voxels  (share)   cases")
-    for index, name in enumerate(fp["class_names"]):
-        voxels = fp["class_voxel_counts"][index]
-        lines.append(
-            f"  {index:3d} {name:22s} {voxels:12d}  ({100 * voxels / total:5.1f} %)"
-            f"  {fp['class_case_counts'][index]:5d}"
-        )
-    lines.append(
-        f"spacing (mm): median {_numbers(fp['spacing_median'])}"
-        f"   range {_numbers(fp.get('spacing_min'))} .. {_numbers(fp.get('spacing_max'))}"
-    )
-    if fp.get("spacing_percentile_10") is not None:
-        lines.append(
-            f"              10-90 %  {_numbers(fp['spacing_percentile_10'])}"
-            f" .. {_numbers(fp['spacing_percentile_90'])}"
-        )
-    lines.append(
-        f"shape: median {_numbers(fp['shape_median'], '{:g}')}"
-        f"   range {_numbers(fp.get('shape_min'), '{:d}')}"
-        f" .. {_numbers(fp.get('shape_max'), '{:d}')}"
-    )
-    channels = fp.get("foreground_intensity_per_channel") or [fp["foreground_intensity"]]
-    for channel, stats in enumerate(channels):
-        title = "foreground_intensity" + (f" (channel {channel})" if len(channels) > 1 else "")
-        if stats.get("mean") is None:
-            lines.append(f"{title}: no foreground voxels")
-            continue
-        lines.append(
-            f"{title}: mean {stats['mean']:.4g}  std {stats['std']:.4g}"
-            f"  min {stats['min']:.4g}  max {stats['max']:.4g}"
-        )
-        lines.append(
-            f"  percentiles 0.5 / 50 / 99.5: {stats['percentile_00_5']:.4g}"
-            f" / {stats['median']:.4g} / {stats['percentile_99_5']:.4g}"
-            f"  ({stats['num_voxels']} voxels, {stats['num_samples']} sampled)"
-        )
-    return "\n".join(lines)
 
 
 def cmd_plan(args) -> None:
     """Plan an experiment for a built dataset (building it if needed) and print it."""
     from medseg import datasets
-    from medseg.planning import PlanOptions, explain, parse_duration, plan_experiment
+    from medseg.planning import PlanOptions, explain, format_plan, parse_duration, plan_experiment
 
     builder = datasets.prepare(args.dataset, args.config, args.data_dir)
     fp = datasets.read_fingerprint(builder)
@@ -271,30 +213,6 @@ def cmd_plan(args) -> None:
         print(f"wrote {args.output} (medseg train plan.mode={args.output})")
 
 
-def format_plan(plan) -> str:
-    """The plan's main numbers in a few lines (``--explain`` prints every rule)."""
-    lines = [
-        f"plan of {plan.dataset} ({plan.device}, preset {plan.preset}, {plan.model})",
-        f"  spacing {_numbers(plan.target_spacing)} mm, median shape "
-        f"{_numbers(plan.median_shape, '{:.0f}')}, normalize {plan.normalize}",
-        f"  patch {_numbers(plan.patch_size, '{:d}')}, batch {plan.batch_size}, "
-        f"{plan.num_stages} stages, widths {list(plan.widths)}",
-        f"  strides {[list(s) for s in plan.strides]}",
-        f"  kernels {[list(k) for k in plan.kernels]}",
-        f"  {plan.epochs} epochs × {plan.steps_per_epoch} steps; memory "
-        f"{plan.memory_bytes / 1e9:.2f} GB of {plan.memory_budget_bytes / 1e9:.1f} GB",
-    ]
-    if plan.probe:
-        line = (
-            f"  {plan.probe['seconds_per_step']:.3f} s/step on this machine (conv3d "
-            f"{plan.probe['conv_gflops']:.1f} GFLOP/s)"
-        )
-        if plan.predicted_train_s is not None and plan.time_budget_s is not None:
-            line += f": training {plan.predicted_train_s:.0f} s of a {plan.time_budget_s:.0f} s budget"
-        lines.append(line)
-    return "\n".join(lines)
-
-
 def cmd_train(args) -> None:
     config = Config.from_file(args.config_file) if args.config_file else Config()
     config = config.with_overrides(args.overrides)
@@ -305,6 +223,8 @@ def cmd_train(args) -> None:
 
     result, run_id = run_training(config)
     if result.data.experiment_plan is not None:
+        from medseg.planning import format_plan
+
         print(format_plan(result.data.experiment_plan))
         for key, change in result.data.overrides.items():
             print(f"  {key}={change['used']} overrides the planned {change['planned']}")

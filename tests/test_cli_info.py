@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from medseg import datasets
-from medseg.cli import format_fingerprint, main
+from medseg.cli import main
+from medseg.datasets.fingerprint import format_fingerprint
 
 
 @pytest.fixture(scope="module")

@@ -284,15 +284,15 @@ def test_file_cache_is_reused_and_a_new_plan_gets_its_own(setup, tmp_path, monke
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
     # a second pipeline with the same plan reads the cache: preprocessing is not run
-    import medseg.pipeline.dataset as dataset_module
+    import medseg.pipeline.cache as cache_module
 
-    real = dataset_module.preprocess_case
+    real = cache_module.preprocess_case
 
     def poisoned(image, label, spacing, plan):
         image, label = real(image, label, spacing, plan)
         return image + 1e4, label
 
-    monkeypatch.setattr(dataset_module, "preprocess_case", poisoned)
+    monkeypatch.setattr(cache_module, "preprocess_case", poisoned)
     again = CaseTable.from_dataset(_cases(builder, plan, ids, cache_dir=tmp_path))
     assert _cache_entries(tmp_path) == entries
     for a, b in zip(first.images, again.images, strict=True):
@@ -310,9 +310,9 @@ def test_file_cache_is_reused_and_a_new_plan_gets_its_own(setup, tmp_path, monke
 def test_interrupted_file_cache_write_is_not_taken_for_a_cache(setup, tmp_path, monkeypatch):
     builder, _, plan = setup
     ids = read_case_ids(builder, "train")
-    import medseg.pipeline.dataset as dataset_module
+    import medseg.pipeline.cache as cache_module
 
-    real = dataset_module.read_cases
+    real = cache_module.read_cases
 
     def failing_after_two(*args, **kwargs):
         ds = real(*args, **kwargs)
@@ -323,11 +323,11 @@ def test_interrupted_file_cache_write_is_not_taken_for_a_cache(setup, tmp_path, 
 
         return ds.take(2).concatenate(ds.skip(2).map(fail))
 
-    monkeypatch.setattr(dataset_module, "read_cases", failing_after_two)
+    monkeypatch.setattr(cache_module, "read_cases", failing_after_two)
     with pytest.raises(tf.errors.InvalidArgumentError, match="simulated crash"):
         _cases(builder, plan, ids, cache_dir=tmp_path)
     assert _cache_entries(tmp_path) == []  # neither a cache nor a partial one is left
-    monkeypatch.setattr(dataset_module, "read_cases", real)
+    monkeypatch.setattr(cache_module, "read_cases", real)
     # what tf.data leaves after a kill mid-write: a lockfile and a temp shard, no index
     key = cache_key(builder, "train", ids, plan, 3, 0)
     killed = Path(tmp_path) / builder.info.full_name.replace("/", "_") / f"{key}.partial-4999999-0"

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FingerprintAccumulator", "fingerprint_hash"]
+__all__ = ["FingerprintAccumulator", "fingerprint_hash", "format_fingerprint", "format_numbers"]
 
 INTENSITY_KEYS = (
     "mean",
@@ -300,3 +300,67 @@ def fingerprint_hash(fp: dict[str, Any]) -> str:
     """
     canonical = json.dumps(fp, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def format_numbers(values, fmt: str = "{:.3g}") -> str:
+    """``3 x 0.8 x 0.8``; ``n/a`` for None."""
+    if values is None:
+        return "n/a"
+    return " x ".join(fmt.format(v) for v in values)
+
+
+
+def format_fingerprint(fp: dict) -> str:
+    """A dataset fingerprint as the lines ``medseg info`` prints.
+
+    Parameters
+    ----------
+    fp : dict
+        From :func:`medseg.datasets.read_fingerprint`; keys missing from fingerprints of
+        older builds are shown as ``n/a``.
+
+    Returns
+    -------
+    str
+    """
+    lines = [f"cases: {fp['num_cases']}"]
+    total = sum(fp["class_voxel_counts"]) or 1
+    lines.append("classes:                       voxels  (share)   cases")
+    for index, name in enumerate(fp["class_names"]):
+        voxels = fp["class_voxel_counts"][index]
+        lines.append(
+            f"  {index:3d} {name:22s} {voxels:12d}  ({100 * voxels / total:5.1f} %)"
+            f"  {fp['class_case_counts'][index]:5d}"
+        )
+    lines.append(
+        f"spacing (mm): median {format_numbers(fp['spacing_median'])}"
+        f"   range {format_numbers(fp.get('spacing_min'))} .. {format_numbers(fp.get('spacing_max'))}"
+    )
+    if fp.get("spacing_percentile_10") is not None:
+        lines.append(
+            f"              10-90 %  {format_numbers(fp['spacing_percentile_10'])}"
+            f" .. {format_numbers(fp['spacing_percentile_90'])}"
+        )
+    lines.append(
+        f"shape: median {format_numbers(fp['shape_median'], '{:g}')}"
+        f"   range {format_numbers(fp.get('shape_min'), '{:d}')}"
+        f" .. {format_numbers(fp.get('shape_max'), '{:d}')}"
+    )
+    channels = fp.get("foreground_intensity_per_channel") or [fp["foreground_intensity"]]
+    for channel, stats in enumerate(channels):
+        title = "foreground_intensity" + (f" (channel {channel})" if len(channels) > 1 else "")
+        if stats.get("mean") is None:
+            lines.append(f"{title}: no foreground voxels")
+            continue
+        lines.append(
+            f"{title}: mean {stats['mean']:.4g}  std {stats['std']:.4g}"
+            f"  min {stats['min']:.4g}  max {stats['max']:.4g}"
+        )
+        lines.append(
+            f"  percentiles 0.5 / 50 / 99.5: {stats['percentile_00_5']:.4g}"
+            f" / {stats['median']:.4g} / {stats['percentile_99_5']:.4g}"
+            f"  ({stats['num_voxels']} voxels, {stats['num_samples']} sampled)"
+        )
+    return "\n".join(lines)
+
+

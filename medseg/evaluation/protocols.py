@@ -100,7 +100,7 @@ def leave_one_out_splits(case_ids: Sequence[str]) -> list[Fold]:
 
 def percentage_split(case_ids: Sequence[str], fraction: float, seed: int) -> list[Fold]:
     """One seeded fold holding out ``fraction`` of the cases (at least one each side)."""
-    from medseg.pipeline.dataset import split_cases  # TF-free callers never pay for tf.data
+    from medseg.pipeline.reading import split_cases  # TF-free callers never pay for tf.data
 
     train, test = split_cases(_unique_sorted(case_ids), fraction, seed)
     return [Fold("split", train, test)]

@@ -1,15 +1,10 @@
-"""``tf.data`` input pipelines: preprocessing, patch sampling, assembly."""
+"""``tf.data`` input pipelines: reading (``reading``), preprocessing (``preprocess``),
+the cache of preprocessed cases (``cache``), the stateless patch stream (``dataset``)."""
 
+from medseg.pipeline.cache import CaseTable, cache_key, preprocessed_cases
 from medseg.pipeline.dataset import (
-    CaseTable,
-    cache_key,
     case_order,
     check_patch_config,
-    check_patch_fits,
-    preprocessed_cases,
-    read_case_ids,
-    read_cases,
-    split_cases,
     training_dataset,
     validation_dataset,
 )
@@ -27,6 +22,7 @@ from medseg.pipeline.preprocess import (
     resample_labels,
     resampled_shape,
 )
+from medseg.pipeline.reading import check_patch_fits, read_case_ids, read_cases, split_cases
 
 __all__ = [
     "CaseTable",

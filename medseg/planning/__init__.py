@@ -6,11 +6,18 @@ from fingerprint to :class:`ExperimentPlan` (``record``), and ``resolve`` how a 
 config and its plan meet (planned values where the config leaves them, overrides recorded).
 """
 
-from medseg.planning.planner import PlanOptions, explain, parse_duration, plan_experiment
+from medseg.planning.planner import (
+    PlanOptions,
+    explain,
+    format_plan,
+    parse_duration,
+    plan_experiment,
+)
 from medseg.planning.record import PLAN_VERSION, Decision, ExperimentPlan, PlanError
 from medseg.planning.rules import Topology, target_spacing, topology
 
 __all__ = [
+    "format_plan",
     "PLAN_VERSION",
     "Decision",
     "ExperimentPlan",

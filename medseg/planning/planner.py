@@ -23,6 +23,7 @@ import numpy as np
 
 from medseg.config import ConfigError
 from medseg.config import parse_duration as config_duration
+from medseg.datasets.fingerprint import format_numbers
 from medseg.planning import memory, rules
 from medseg.planning.record import PLAN_VERSION, Decision, ExperimentPlan, PlanError
 
@@ -629,3 +630,27 @@ def _short(value) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_short(v) for v in value) + "]"
     return str(value)
+
+
+def format_plan(plan) -> str:
+    """The plan's main numbers in a few lines (``--explain`` prints every rule)."""
+    lines = [
+        f"plan of {plan.dataset} ({plan.device}, preset {plan.preset}, {plan.model})",
+        f"  spacing {format_numbers(plan.target_spacing)} mm, median shape "
+        f"{format_numbers(plan.median_shape, '{:.0f}')}, normalize {plan.normalize}",
+        f"  patch {format_numbers(plan.patch_size, '{:d}')}, batch {plan.batch_size}, "
+        f"{plan.num_stages} stages, widths {list(plan.widths)}",
+        f"  strides {[list(s) for s in plan.strides]}",
+        f"  kernels {[list(k) for k in plan.kernels]}",
+        f"  {plan.epochs} epochs × {plan.steps_per_epoch} steps; memory "
+        f"{plan.memory_bytes / 1e9:.2f} GB of {plan.memory_budget_bytes / 1e9:.1f} GB",
+    ]
+    if plan.probe:
+        line = (
+            f"  {plan.probe['seconds_per_step']:.3f} s/step on this machine (conv3d "
+            f"{plan.probe['conv_gflops']:.1f} GFLOP/s)"
+        )
+        if plan.predicted_train_s is not None and plan.time_budget_s is not None:
+            line += f": training {plan.predicted_train_s:.0f} s of a {plan.time_budget_s:.0f} s budget"
+        lines.append(line)
+    return "\n".join(lines)
