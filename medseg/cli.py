@@ -90,9 +90,13 @@ def _parser() -> argparse.ArgumentParser:
         help="a .nii/.nii.gz file, a folder of them, or a DICOM series folder",
     )
     p.add_argument(
-        "--model", required=True, action="append",
+        "--model", action="append", default=[],
         help="a .keras file or an MLflow model URI (runs:/<run id>/model, models:/...); "
         "repeat it for an ensemble (probabilities averaged)",
+    )
+    p.add_argument(
+        "--ensemble", metavar="JSON",
+        help="a medseg evaluate run's ensemble.json: its fold models and its postprocessing",
     )
     p.add_argument("--plan", help="plan.json of the training run (default: the run's, for a URI)")
     p.add_argument("--output", required=True, help="folder for <case>_seg.nii.gz")
@@ -162,7 +166,7 @@ def cmd_build(args) -> None:
     builder = datasets.prepare(args.dataset, args.config, args.data_dir, args.manual_dir)
     fp = datasets.read_fingerprint(builder)
     print(f"built {builder.info.full_name} in {builder.data_dir}")
-    print(f"  cases: {fp['num_cases']}  fingerprint: {datasets.fingerprint_hash(fp)}")
+    print(f"  cases: {fp.num_cases}  fingerprint: {fp.hash}")
 
 
 def cmd_info(args) -> None:
@@ -288,6 +292,7 @@ def cmd_run(args) -> None:
 def cmd_predict(args) -> None:
     from medseg.config import InferenceConfig
     from medseg.inference import (
+        Ensemble,
         PredictionPlan,
         SlidingWindow,
         is_model_uri,
@@ -303,6 +308,11 @@ def cmd_predict(args) -> None:
 
         return load_model(model, args.tracking_uri)
 
+    ensemble = Ensemble.load(args.ensemble) if args.ensemble else None
+    if ensemble is not None:
+        args.model = [*args.model, *ensemble.models]
+    if not args.model:
+        raise ValueError("no model: give --model (repeatable) or --ensemble ensemble.json")
     if args.plan:
         plan = PredictionPlan.from_file(args.plan)
     elif is_model_uri(args.model[0]):
@@ -314,6 +324,9 @@ def cmd_predict(args) -> None:
             f"model {args.model[0]} does not say how it was trained: pass --plan plan.json "
             "(the plan.json artifact of its training run)"
         )
+    if ensemble is not None and ensemble.postprocessing is not None:
+        # decided on the pooled cross-validation cases, for this ensemble
+        plan = dataclasses.replace(plan, postprocessing=ensemble.postprocessing)
     if args.postprocessing:
         decision = None
         if args.postprocessing.lower() != "none":

@@ -131,3 +131,22 @@ def test_iou_and_volume_difference_empty_conventions():
     diff, rel = volume_difference(one, empty, (2.0, 1.0, 0.5))
     assert diff == 1.0 and math.isnan(rel)
     assert volume_difference(empty, one, (2.0, 1.0, 0.5)) == (-1.0, -1.0)
+
+
+def test_long_scores_name_structures_without_splitting_keys():
+    from medseg.evaluation import long_scores, score_case, wide_scores
+
+    truth = np.zeros((4, 6, 6), np.uint8)
+    truth[1:3, 1:4, 1:4] = 1
+    truth[2, 2, 2] = 2
+    pred = truth.copy()
+    pred[0, 0, 0] = 2
+    names = ["background", "kidney", "kidney_and"]  # a class name that is a key prefix
+    regions = {"kidney_and_tumour": [1, 2]}
+    scores = score_case(pred, truth, (1.0, 1.0, 1.0), names, regions)
+    rows = long_scores([("case_1", scores)], names, regions)
+    assert len(rows) == 2 * 7 + 1
+    region = [r for r in rows if r.structure == "kidney_and_tumour"]
+    assert [(r.metric, r.value) for r in region] == [("dice", scores["dice_kidney_and_tumour"])]
+    assert {r.structure for r in rows} == {"kidney", "kidney_and", "kidney_and_tumour"}
+    np.testing.assert_equal(wide_scores(rows), {"case_1": scores})

@@ -143,3 +143,25 @@ def test_hash_is_stable_and_content_sensitive():
     changed = json.loads(json.dumps(fp))
     changed["spacings"][0][0] = 1.0
     assert fingerprint_hash(changed) != digest
+
+
+def test_the_fingerprint_record_reads_typed_values_and_names_a_missing_key(tiny_data_dir):
+    from medseg import datasets
+    from medseg.datasets import Fingerprint
+
+    builder = datasets.get_builder("kits_phantom", "tiny", tiny_data_dir)
+    fp = datasets.read_fingerprint(builder)
+    assert isinstance(fp, Fingerprint) and isinstance(fp, dict)
+    assert json.loads(json.dumps(fp)) == dict(fp)  # still the JSON object it was
+    assert fp.hash == fingerprint_hash(dict(fp))
+    assert fp.num_cases == fp["num_cases"] == len(fp.spacings)
+    assert fp.class_names == ["background", "kidney", "tumour"] and fp.num_classes == 3
+    np.testing.assert_array_equal(fp.spacings, np.asarray(fp["spacings"], float))
+    assert fp.shapes.shape == fp.spacings.shape  # channels dropped
+    assert fp.intensity_channels == [fp["foreground_intensity"]]
+    assert Fingerprint.of(fp) is fp
+    older = Fingerprint.of({k: v for k, v in fp.items() if k != "spacings"}, "fingerprint of x")
+    with pytest.raises(ValueError, match="fingerprint of x has no 'spacings'"):
+        _ = older.spacings
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        Fingerprint.of([1, 2])

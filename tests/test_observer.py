@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from medseg.config import Config
-from medseg.evaluation import summarize
+from medseg.evaluation import summarize, wide_scores
 from medseg.evaluation.protocols import Fold
 from medseg.inference import PredictionPlan
 from medseg.inference.postprocess import component_tables, decide_postprocessing
@@ -131,6 +131,9 @@ def test_a_hand_made_result_is_logged_and_read_back(store_config, tmp_path):
     for case in result.cases:
         for key, value in case.scores.items():
             np.testing.assert_equal(float(rows[case.case_id][key]), value)
+    rows = artifacts.read_scores(download(run.info.run_id, artifacts.SCORES, tmp_path))
+    np.testing.assert_equal(wide_scores(rows), {c.case_id: c.scores for c in result.cases})
+    assert {(r.structure, r.metric) for r in rows} == {("kidney", "dice"), ("tumour", "dice")}
     summary = json.loads(download(run.info.run_id, "evaluation/validation_summary.json",
                                   tmp_path).read_text())
     assert summary["dice_kidney"]["n"] == len(result.cases)

@@ -341,3 +341,30 @@ def test_postprocessing_decision_keeps_the_largest_component(tmp_path):
     with pytest.raises(ValueError, match="has no 'keep_largest_component' list"):
         (tmp_path / "bad.json").write_text("{}")
         load_postprocessing(tmp_path / "bad.json")
+
+
+def test_an_ensemble_file_gives_its_models_and_postprocessing(saved, mlflow_store, tmp_path,
+                                                               capsys):
+    from medseg.inference import Ensemble
+
+    root, model, plan, images = saved
+    uri, run_id, _, _ = mlflow_store
+    decision = {"keep_largest_component": [1], "min_component_mm3": {}}
+    ensemble = Ensemble((f"runs:/{run_id}/model", str(root / "model.keras")), decision)
+    path = ensemble.save(tmp_path / "ensemble.json")
+    assert Ensemble.load(path) == ensemble
+    assert run("--ensemble", path, "--tracking-uri", uri, root / "cases" / "case_a.nii.gz",
+               "--output", tmp_path / "out") == 0
+    assert "postprocessing: label 1: keep the largest component" in capsys.readouterr().out
+    seg = np.asarray(nib.load(tmp_path / "out" / "case_a_seg.nii.gz").dataobj)
+    # the same model twice averages to itself; then the ensemble's postprocessing
+    expected, _ = predict_case([model, model], images["case_a"], SPACING, plan.preprocess,
+                               plan.patch_size, 3, stride=2)
+    from medseg.inference.postprocess import apply_postprocessing
+
+    np.testing.assert_array_equal(seg, apply_postprocessing(expected, decision, SPACING))
+    (tmp_path / "bad.json").write_text('{"models": []}')
+    err = _error(capsys, "--ensemble", tmp_path / "bad.json", root / "cases", "--output", tmp_path)
+    assert "bad.json: 'models' must list at least one model" in err
+    err = _error(capsys, root / "cases", "--output", tmp_path)
+    assert "give --model (repeatable) or --ensemble" in err

@@ -7,15 +7,15 @@ The builders themselves live in the ``medseg_datasets`` package (the repository'
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
 import tensorflow_datasets as tfds
 
-from medseg.datasets.fingerprint import FingerprintAccumulator, fingerprint_hash
+from medseg.datasets.fingerprint import Fingerprint, FingerprintAccumulator, fingerprint_hash
 
 __all__ = [
     "KNOWN_DATASETS",
     "FingerprintAccumulator",
+    "Fingerprint",
     "fingerprint_hash",
     "get_builder",
     "prepare",
@@ -109,7 +109,7 @@ def prepare(
     return builder
 
 
-def read_fingerprint(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
+def read_fingerprint(builder: tfds.core.DatasetBuilder) -> Fingerprint:
     """The fingerprint stored with a built dataset, read without reading any record.
 
     TFDS keeps ``builder.info.metadata`` as ``metadata.json`` beside
@@ -122,8 +122,8 @@ def read_fingerprint(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
 
     Returns
     -------
-    dict
-        The fingerprint (see :class:`FingerprintAccumulator`).
+    Fingerprint
+        The fingerprint (see :class:`FingerprintAccumulator`), a dict with typed accessors.
 
     Raises
     ------
@@ -141,7 +141,9 @@ def read_fingerprint(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
             f"{builder.data_dir} (the dataset {state}; a built dataset keeps it in "
             f"metadata.json; rebuild it with medseg.datasets.prepare)"
         )
-    return dict(fingerprint)
+    return Fingerprint.of(
+        dict(fingerprint), where=f"fingerprint of {builder.info.full_name} in {builder.data_dir}"
+    )
 
 
 def modalities(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:

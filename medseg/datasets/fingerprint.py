@@ -14,7 +14,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FingerprintAccumulator", "fingerprint_hash", "format_fingerprint", "format_numbers"]
+__all__ = [
+    "Fingerprint",
+    "FingerprintAccumulator",
+    "fingerprint_hash",
+    "format_fingerprint",
+    "format_numbers",
+]
 
 INTENSITY_KEYS = (
     "mean",
@@ -282,6 +288,88 @@ class _IntensityStats:
                 median=float(median),
             )
         return intensity
+
+
+class Fingerprint(dict):
+    """A dataset fingerprint: its JSON object (a dict, as stored and logged) with typed
+    accessors, so readers ask ``fp.spacings`` rather than index string keys.
+
+    A missing entry raises a ValueError naming the fingerprint (``where``) and the key.
+    """
+
+    where: str = "fingerprint"
+
+    @classmethod
+    def of(cls, values: dict[str, Any] | Fingerprint, where: str = "fingerprint") -> Fingerprint:
+        """``values`` as a Fingerprint (itself, when it is one)."""
+        if isinstance(values, Fingerprint):
+            return values
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(values).__name__}")
+        fp = cls(values)
+        fp.where = where
+        return fp
+
+    def _get(self, key: str):
+        value = self.get(key)
+        if value is None:
+            raise ValueError(
+                f"{self.where} has no {key!r} (a fingerprint of an older build: rebuild the "
+                "dataset)"
+            )
+        return value
+
+    @property
+    def hash(self) -> str:
+        """:func:`fingerprint_hash` of it."""
+        return fingerprint_hash(self)
+
+    @property
+    def num_cases(self) -> int:
+        return int(self._get("num_cases"))
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(n) for n in self._get("class_names")]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def spacings(self) -> np.ndarray:
+        """``(cases, axes)`` float64 spacing of every case, in mm."""
+        return np.asarray(self._get("spacings"), np.float64)
+
+    @property
+    def shapes(self) -> np.ndarray:
+        """``(cases, axes)`` spatial shape of every case (channels dropped)."""
+        spacings = self.spacings
+        return np.asarray(self._get("shapes"), np.float64)[:, : spacings.shape[1]]
+
+    @property
+    def spacing_median(self) -> tuple[float, ...] | None:
+        value = self.get("spacing_median")
+        return None if value is None else tuple(float(v) for v in value)
+
+    @property
+    def shape_median(self) -> tuple[float, ...] | None:
+        value = self.get("shape_median")
+        return None if value is None else tuple(float(v) for v in value)
+
+    @property
+    def class_voxel_counts(self) -> np.ndarray:
+        return np.asarray(self._get("class_voxel_counts"), np.float64)
+
+    @property
+    def class_case_counts(self) -> np.ndarray:
+        return np.asarray(self._get("class_case_counts"), np.float64)
+
+    @property
+    def intensity_channels(self) -> list[dict[str, Any]]:
+        """The foreground intensity statistics of each channel (one for single-channel)."""
+        per_channel = self.get("foreground_intensity_per_channel")
+        return list(per_channel) if per_channel else [self.get("foreground_intensity") or {}]
 
 
 def fingerprint_hash(fp: dict[str, Any]) -> str:

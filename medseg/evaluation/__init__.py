@@ -1,17 +1,21 @@
 """Per-case metrics, evaluation protocols and visual reports of segmentations.
 
-:mod:`medseg.workflows.cross_validation` (training a model per fold) is imported on its own:
-it builds on :mod:`medseg.workflows.experiment`, which itself uses the metrics here.
+Pure: arrays in, numbers and pictures out. The workflows that train and score models
+(:mod:`medseg.workflows`) build on it, never the reverse.
 """
 
 from medseg.evaluation.metrics import (
     METRICS,
+    Score,
     dice_per_class,
     dice_region,
     iou_per_class,
+    long_scores,
     score_case,
+    score_key,
     summarize,
     volume_difference,
+    wide_scores,
 )
 from medseg.evaluation.protocols import (
     Fold,
@@ -31,6 +35,10 @@ from medseg.evaluation.visuals import overlay_frames, plot_learning_curves, writ
 
 __all__ = [
     "METRICS",
+    "Score",
+    "long_scores",
+    "score_key",
+    "wide_scores",
     "Fold",
     "dice_per_class",
     "dice_region",

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from numbers import Real
 
 import numpy as np
@@ -22,6 +23,10 @@ from medseg.evaluation.surface import surface_distance_metrics
 
 __all__ = [
     "METRICS",
+    "Score",
+    "long_scores",
+    "score_key",
+    "wide_scores",
     "dice_per_class",
     "dice_region",
     "iou_per_class",
@@ -212,6 +217,49 @@ def score_case(
     for region, labels in (regions or {}).items():
         scores[f"dice_{region}"] = float(dice_region(pred, truth, labels))
     return scores
+
+
+@dataclass(frozen=True)
+class Score:
+    """One row of the long per-case table: a metric of a structure (a class or a region)."""
+
+    case_id: str
+    structure: str
+    metric: str
+    value: float
+
+
+def score_key(metric: str, structure: str) -> str:
+    """The key of a metric in `score_case`'s dict: ``<metric>_<structure>``."""
+    return f"{metric}_{structure}"
+
+
+def long_scores(
+    cases: Sequence[tuple[str, Mapping[str, float]]],
+    class_names: Sequence[str],
+    regions: Mapping[str, Sequence[int]] | None = None,
+) -> list[Score]:
+    """`score_case` dicts as rows ``(case, structure, metric, value)``.
+
+    The structures and metrics come from the class names, the regions and `METRICS`, never
+    from splitting keys (``surface_dice_kidney_and_tumour`` splits more than one way).
+    """
+    pairs = [(name, metric) for name in class_names[1:] for metric in METRICS]
+    pairs += [(region, "dice") for region in (regions or {})]
+    return [
+        Score(str(case_id), name, metric, float(scores[score_key(metric, name)]))
+        for case_id, scores in cases
+        for name, metric in pairs
+        if score_key(metric, name) in scores
+    ]
+
+
+def wide_scores(rows: Sequence[Score]) -> dict[str, dict[str, float]]:
+    """The inverse of `long_scores`: per case, the `score_case` dict."""
+    cases: dict[str, dict[str, float]] = {}
+    for row in rows:
+        cases.setdefault(row.case_id, {})[score_key(row.metric, row.structure)] = row.value
+    return cases
 
 
 def summarize(per_case: list[dict[str, float]]) -> dict[str, dict]:

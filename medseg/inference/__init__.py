@@ -1,5 +1,6 @@
 """Whole-case inference with patch-based models."""
 
+from medseg.inference.ensemble import Ensemble
 from medseg.inference.files import (
     find_inputs,
     is_model_uri,
@@ -22,6 +23,7 @@ from medseg.inference.sliding_window import (
 )
 
 __all__ = [
+    "Ensemble",
     "PredictionPlan",
     "SlidingWindow",
     "WeightedMerger",

@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from medseg.config import PreprocessConfig
+from medseg.datasets.fingerprint import Fingerprint
 from medseg.pipeline.spatial import resize, resize_axis
 
 NORMALIZATIONS = ("fingerprint", "image", "minmax", "ct", "none")
@@ -74,8 +75,7 @@ class PreprocessPlan:
 
 
 def _channel_stats(fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
-    per_channel = fingerprint.get("foreground_intensity_per_channel")
-    return list(per_channel) if per_channel else [fingerprint.get("foreground_intensity") or {}]
+    return Fingerprint.of(fingerprint).intensity_channels
 
 
 def _per_channel(values: list) -> Number:

@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from medseg.datasets.fingerprint import Fingerprint
 from medseg.pipeline.preprocess import PreprocessPlan
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -87,8 +88,8 @@ def check_patch_fits(
     """
     if mode == "full":
         return
-    shapes = np.asarray(fingerprint["shapes"], dtype=np.float64)[:, :3]
-    spacings = np.asarray(fingerprint["spacings"], dtype=np.float64)
+    fingerprint = Fingerprint.of(fingerprint, f"fingerprint of {dataset}")
+    shapes, spacings = fingerprint.shapes[:, :3], fingerprint.spacings
     if plan.target_spacing is not None:
         shapes = np.maximum(np.round(shapes * spacings / np.asarray(plan.target_spacing)), 1)
     too_small = np.any(shapes < np.asarray(patch_size), axis=1)

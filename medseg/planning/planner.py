@@ -23,7 +23,7 @@ import numpy as np
 
 from medseg.config import ConfigError
 from medseg.config import parse_duration as config_duration
-from medseg.datasets.fingerprint import format_numbers
+from medseg.datasets.fingerprint import Fingerprint, format_numbers
 from medseg.planning import memory, rules
 from medseg.planning.record import PLAN_VERSION, Decision, ExperimentPlan, PlanError
 
@@ -247,12 +247,11 @@ def plan_experiment(
         decisions.append(Decision(key, value, rule, inputs))
         return value
 
-    spacings = np.asarray(fingerprint["spacings"], np.float64)
-    shapes = np.asarray(fingerprint["shapes"], np.float64)[:, : spacings.shape[1]]
+    fingerprint = Fingerprint.of(fingerprint, f"fingerprint of {dataset}")
+    spacings, shapes = fingerprint.spacings, fingerprint.shapes
     ndim = spacings.shape[1]
-    num_classes = len(fingerprint["class_names"])
-    per_channel = fingerprint.get("foreground_intensity_per_channel")
-    in_channels = len(per_channel) if per_channel else 1
+    num_classes = fingerprint.num_classes
+    in_channels = len(fingerprint.intensity_channels)
     modalities = tuple(modalities) or ("unknown",) * in_channels
     if len(modalities) != in_channels:
         modalities = (modalities[0],) * in_channels
@@ -345,7 +344,7 @@ def plan_experiment(
             time_budget = 600.0
         cand, epochs, steps, predicted, probe_record, why_steps = _fit_time(
             cand, spacing, median_shape, time_budget, options, in_channels, num_classes,
-            fingerprint["num_cases"], probe,
+            fingerprint.num_cases, probe,
         )
     if _spacing is None and tuple(cand.patch) != tuple(memory_patch):
         coarser = lowres_spacing(fingerprint, spacing, median_shape, cand.patch)
@@ -421,11 +420,12 @@ def lowres_spacing(fingerprint, spacing, median_shape, patch):
     brain lobes (~10⁵ each) get the context they are defined by. Returns ``(spacing, why)``
     or None; never more than 3 × the full-resolution spacing.
     """
+    fingerprint = Fingerprint.of(fingerprint)
     if not fingerprint.get("class_voxel_counts") or not fingerprint.get("class_case_counts"):
-        return None
-    counts = np.asarray(fingerprint["class_voxel_counts"][1:], np.float64)
-    cases = np.maximum(np.asarray(fingerprint["class_case_counts"][1:], np.float64), 1)
-    original = np.median(np.asarray(fingerprint["spacings"], np.float64), 0)
+        return None  # an older fingerprint: no per-class volumes to judge by
+    counts = fingerprint.class_voxel_counts[1:]
+    cases = np.maximum(fingerprint.class_case_counts[1:], 1)
+    original = np.median(fingerprint.spacings, 0)
     # mean per-case volume of each class, in voxels at ``spacing``
     structure = float((counts / cases).max()) * np.prod(original) / np.prod(spacing)
     patch_voxels = float(np.prod(patch))

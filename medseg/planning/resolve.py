@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.config import Config
+from medseg.datasets.fingerprint import Fingerprint
 from medseg.planning import memory, rules
 from medseg.planning.planner import (
     PlanOptions,
@@ -110,7 +111,7 @@ def plan_from_config(
     strides = ((1,) * ndim,) + ((2,) * ndim,) * (depth - 1)
     topo = rules.Topology(strides, ((3,) * ndim,) * depth)
     widths = tuple(min(model.filters * 2**s, 320) for s in range(depth))
-    spacing = pre.target_spacing or tuple(fingerprint.get("spacing_median") or (1.0,) * ndim)
+    spacing = pre.target_spacing or Fingerprint.of(fingerprint).spacing_median or (1.0,) * ndim
     return _record(
         config, fingerprint, dataset, fingerprint_hash, modalities, topo, widths,
         tuple(float(s) for s in spacing), "config",
@@ -121,9 +122,8 @@ def _record(config, fingerprint, dataset, fingerprint_hash, modalities, topo, wi
             spacing, rule, base: ExperimentPlan | None = None) -> ExperimentPlan:
     """An ExperimentPlan of the config's values with ``topo`` and ``widths``."""
     pre, patch, model, train = config.preprocess, config.patch, config.model, config.train
-    num_classes = len(fingerprint["class_names"])
-    per_channel = fingerprint.get("foreground_intensity_per_channel")
-    in_channels = len(per_channel) if per_channel else 1
+    fingerprint = Fingerprint.of(fingerprint, f"fingerprint of {dataset}")
+    num_classes, in_channels = fingerprint.num_classes, len(fingerprint.intensity_channels)
     blocks, decoder = network_parts(model.name)
     layers = memory.conv_layers(
         topo, widths, patch.patch_size, in_channels, num_classes, encoder_blocks=blocks,
@@ -138,8 +138,8 @@ def _record(config, fingerprint, dataset, fingerprint_hash, modalities, topo, wi
         preset=base.preset if base else "default",
         modalities=tuple(modalities) or ("unknown",),
         target_spacing=spacing,
-        median_shape=base.median_shape if base else tuple(
-            float(v) for v in (fingerprint.get("shape_median") or patch.patch_size)
+        median_shape=base.median_shape if base else (
+            fingerprint.shape_median or tuple(float(v) for v in patch.patch_size)
         ),
         normalize=pre.normalize,
         clip=pre.clip if isinstance(pre.clip, str) else f"{pre.clip[0]:g},{pre.clip[1]:g}",

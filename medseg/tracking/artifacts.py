@@ -15,6 +15,7 @@ from typing import Any
 import mlflow
 import numpy as np
 
+from medseg.evaluation.metrics import Score, long_scores
 from medseg.evaluation.visuals import (
     intensity_histograms,
     plot_dataset_overview,
@@ -23,6 +24,7 @@ from medseg.evaluation.visuals import (
     write_overlay_gif,
     write_slice_montage,
 )
+from medseg.inference.ensemble import Ensemble
 from medseg.inference.postprocess import save_postprocessing
 from medseg.pipeline import read_cases
 from medseg.tracking.callbacks import finite
@@ -41,6 +43,7 @@ __all__ = [
     "PLAN",
     "PLAN_OVERRIDES",
     "POSTPROCESSING",
+    "SCORES",
     "SPLIT",
     "VALIDATION_CASES",
     "display_window",
@@ -48,6 +51,8 @@ __all__ = [
     "log_dataset_overview",
     "log_pooled",
     "log_result",
+    "read_scores",
+    "write_scores",
     "write_tsv",
 ]
 
@@ -63,6 +68,8 @@ POSTPROCESSING = "postprocessing.json"  # in "evaluation/" for a run, at the top
 CASE_POSTPROCESSING = "evaluation/case_postprocessing.json"
 FOLD = "fold.json"
 CASES = "evaluation/cases.tsv"  # a cross-validation's pooled cases
+# per-case scores as a long table: case_id, structure, metric, value (a CV: fold first)
+SCORES = "evaluation/scores.tsv"
 ENSEMBLE = "ensemble.json"
 
 
@@ -81,6 +88,36 @@ def write_tsv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
+
+
+def write_scores(path: Path, rows, folds: dict[str, str] | None = None) -> None:
+    """The long per-case table (:class:`~medseg.evaluation.Score` rows) as TSV; with
+    ``folds`` (case id → fold) a leading fold column. NaN is written as ``nan``."""
+    header = ["case_id", "structure", "metric", "value"]
+    body = [[r.case_id, r.structure, r.metric, r.value] for r in rows]
+    if folds is not None:
+        header = ["fold", *header]
+        body = [[folds[r[0]], *r] for r in body]
+    write_tsv(Path(path), header, body)
+
+
+def read_scores(path: str | Path) -> list[Score]:
+    """Rows written by :func:`write_scores` (a fold column, if any, is dropped).
+
+    Raises
+    ------
+    ValueError
+        Naming the file and the line that is not a score row.
+    """
+    rows = []
+    with open(path, newline="") as f:
+        for number, row in enumerate(csv.DictReader(f, delimiter="\t"), start=2):
+            try:
+                rows.append(Score(row["case_id"], row["structure"], row["metric"],
+                                  float(row["value"])))
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{path}, line {number}: not a score row ({err})") from err
+    return rows
 
 
 def log_result(result: ExperimentResult) -> None:
@@ -129,6 +166,12 @@ def log_result(result: ExperimentResult) -> None:
             ["case_id", *score_keys],
             [[c.case_id, *(c.scores.get(k, float("nan")) for k in score_keys)] for c in result.cases],
         )
+        write_scores(
+            tmp / "scores.tsv",
+            long_scores([(c.case_id, c.scores) for c in result.cases], setup.class_names,
+                        setup.regions),
+        )
+        mlflow.log_artifact(str(tmp / "scores.tsv"), "evaluation")
         (tmp / "validation_summary.json").write_text(json.dumps(result.summary, indent=2))
         for name in (CONFIG, PLAN, FINGERPRINT, SPLIT):
             mlflow.log_artifact(str(tmp / name))
@@ -202,6 +245,11 @@ def log_pooled(cv: CrossValidationResult, child_ids: list[str]) -> None:
             ["fold", "case_id", *keys],
             [[f, c.case_id, *(c.scores.get(k, np.nan) for k in keys)] for f, c in cv.cases],
         )
+        setup = cv.data
+        folds = {c.case_id: f for f, c in cv.cases}
+        rows = long_scores([(c.case_id, c.scores) for _, c in cv.cases], setup.class_names,
+                           setup.regions)
+        write_scores(tmp / "scores.tsv", rows, folds)
         (tmp / "summary.json").write_text(json.dumps(cv.summary, indent=2))
         (tmp / "folds.json").write_text(
             json.dumps(
@@ -213,14 +261,14 @@ def log_pooled(cv: CrossValidationResult, child_ids: list[str]) -> None:
                 indent=2,
             )
         )
-        uris = [f"runs:/{run_id}/model" for run_id in child_ids]
-        (tmp / "ensemble.json").write_text(
-            json.dumps({"models": uris, "postprocessing": cv.postprocessing}, indent=2)
-        )
-        for name in ("cases.tsv", "summary.json"):
+        if child_ids:
+            uris = tuple(f"runs:/{run_id}/model" for run_id in child_ids)
+            Ensemble(uris, cv.postprocessing).save(tmp / ENSEMBLE)
+        for name in ("cases.tsv", "scores.tsv", "summary.json"):
             mlflow.log_artifact(str(tmp / name), "evaluation")
         mlflow.log_artifact(str(tmp / "folds.json"))
-        mlflow.log_artifact(str(tmp / "ensemble.json"))
+        if child_ids:
+            mlflow.log_artifact(str(tmp / ENSEMBLE))
         if cv.splits_file is not None:
             mlflow.log_artifact(str(cv.splits_file))
         if cv.postprocessing is not None:

@@ -18,10 +18,11 @@ from typing import Any
 
 import mlflow
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from medseg.config import Config
-from medseg.evaluation.metrics import summarize
+from medseg.evaluation.metrics import summarize, wide_scores
 from medseg.evaluation.protocols import Fold
 from medseg.inference.postprocess import Components
 from medseg.tracking import artifacts
@@ -226,15 +227,19 @@ def read_fold(run, config: Config, setup: DataSetup, fold: Fold) -> ExperimentRe
     client = MlflowClient(mlflow.get_tracking_uri())
     run_id = run.info.run_id
     with tempfile.TemporaryDirectory() as tmp:
-        table = client.download_artifacts(run_id, artifacts.VALIDATION_CASES, tmp)
-        with open(table, newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
+        try:  # the long table; runs logged before it have only the wide one
+            table = client.download_artifacts(run_id, artifacts.SCORES, tmp)
+            per_case = wide_scores(artifacts.read_scores(table))
+        except (OSError, MlflowException):
+            table = client.download_artifacts(run_id, artifacts.VALIDATION_CASES, tmp)
+            with open(table, newline="") as f:
+                rows = list(csv.DictReader(f, delimiter="\t"))
+            # float() reads "nan" back as NaN
+            per_case = {r.pop("case_id"): {k: float(v) for k, v in r.items()} for r in rows}
         pp_path = client.download_artifacts(run_id, artifacts.CASE_POSTPROCESSING, tmp)
         pp = json.loads(Path(pp_path).read_text())
     cases = []
-    for row in rows:
-        case_id = row.pop("case_id")
-        scores = {k: float(v) for k, v in row.items()}  # float() reads "nan" back as NaN
+    for case_id, scores in per_case.items():
         # runs logged before the component tables held (before, after) pairs: no decision
         postprocessing = {
             int(k): Components.from_dict(v)

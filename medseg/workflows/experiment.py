@@ -54,7 +54,7 @@ class DataSetup:
     """A built dataset and everything decided from it before training."""
 
     builder: tfds.core.DatasetBuilder
-    fingerprint: dict[str, Any]
+    fingerprint: datasets.Fingerprint
     fingerprint_hash: str
     class_names: list[str]
     regions: dict[str, list[int]]
@@ -112,9 +112,9 @@ def prepare_data(config: Config) -> DataSetup:
         builder = datasets.get_builder(data.dataset, data.config, data.data_dir)
     fingerprint = datasets.read_fingerprint(builder)
     metadata = builder.info.metadata or {}
-    class_names = list(metadata.get("class_names") or fingerprint["class_names"])
+    class_names = list(metadata.get("class_names") or fingerprint.class_names)
     regions = {k: list(v) for k, v in (metadata.get("regions") or {}).items()}
-    fp_hash = datasets.fingerprint_hash(fingerprint)
+    fp_hash = fingerprint.hash
     experiment_plan = resolve_plan(
         config,
         fingerprint,
