@@ -91,7 +91,7 @@ class _Section:
         _check_section(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig(_Section):
     """Which dataset to read, and how its cases split into training and validation."""
 
@@ -103,7 +103,7 @@ class DataConfig(_Section):
     build_if_missing: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class PreprocessConfig(_Section):
     """Deterministic per-case preprocessing, done once and cached."""
 
@@ -119,9 +119,13 @@ class PreprocessConfig(_Section):
     crop_threshold: float | None = None
     # nnU-Net: where max/min spacing > this, no interpolation along the one coarse axis
     anisotropy_threshold: float = 3.0
+    # the user's own steps, "module:attribute" each: (image, label) -> (image, label) on
+    # the resampled case (label None when predicting), cached with the rest and recorded
+    # in the plan, so prediction applies them too
+    extra: tuple[str, ...] = ()
 
 
-@dataclass
+@dataclass(frozen=True)
 class PatchConfig(_Section):
     """Random patch sampling for training."""
 
@@ -143,7 +147,7 @@ class PatchConfig(_Section):
     validation_patches: int = 8  # fixed patches per validation case for per-epoch metrics
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig(_Section):
     """The network: an architecture of medseg.models.MODELS and its size."""
 
@@ -159,7 +163,7 @@ class ModelConfig(_Section):
     deep_supervision: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig(_Section):
     """Optimization, schedule, stopping, checkpoints and the distribution strategy."""
 
@@ -195,7 +199,7 @@ class TrainConfig(_Section):
     deterministic: bool = True  # seeded, ordered input; op determinism on CPU
 
 
-@dataclass
+@dataclass(frozen=True)
 class AugmentConfig(_Section):
     """Random spatial and intensity augmentation of training patches (labels follow).
 
@@ -241,7 +245,7 @@ class AugmentConfig(_Section):
     extra: tuple[str, ...] = ()
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig(_Section):
     """The training loss (see ``medseg.models.losses``; built by ``loss_from_config``)."""
 
@@ -261,7 +265,7 @@ class LossConfig(_Section):
     combo_beta: float = 0.5  # combo: > 0.5 penalizes false negatives more than positives
 
 
-@dataclass
+@dataclass(frozen=True)
 class InferenceConfig(_Section):
     """Sliding-window prediction of whole cases."""
 
@@ -274,7 +278,7 @@ class InferenceConfig(_Section):
     save_probabilities: bool = False  # also write <case>_prob.nii.gz (softmax, 4D)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluationConfig(_Section):
     """How cases are split for validation and how predictions are scored."""
 
@@ -294,7 +298,7 @@ class EvaluationConfig(_Section):
     overlay_axis: int = 0  # axis the overlay GIF and the montage slice along
 
 
-@dataclass
+@dataclass(frozen=True)
 class TuneConfig(_Section):
     """An Optuna search over this config (``medseg tune``).
 
@@ -321,7 +325,7 @@ class TuneConfig(_Section):
     workers: int = 1  # processes sharing the study (medseg tune --workers)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PlanConfig(_Section):
     """Self-configuration (``medseg plan``): which values the experiment plan sets.
 
@@ -342,7 +346,7 @@ class PlanConfig(_Section):
     preset: Preset = "default"  # "default": plain U-Net; "resenc_*": residual encoder
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrackingConfig(_Section):
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
     artifact_root: str = "mlruns"
@@ -565,11 +569,11 @@ def _check_section(section: Any) -> None:
         probability = f.name.endswith("_probability")
         if probability and not (isinstance(value, int | float) and 0 <= value <= 1):
             raise ConfigError(f"config key {key!r}: {value!r} is not a probability in [0, 1]")
-    if name == "augment":
+    if name in ("augment", "preprocess"):
         for entry in section.extra:
             if not TRANSFORM_SPEC.match(entry):
                 raise ConfigError(
-                    f"config key 'augment.extra': {entry!r} is not of the form module:attribute"
+                    f"config key '{name}.extra': {entry!r} is not of the form module:attribute"
                 )
     if name == "plan":
         try:

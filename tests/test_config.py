@@ -181,3 +181,12 @@ def test_optional_choices_take_none_and_unions_keep_their_other_types():
     assert config.model.activation is None and config.preprocess.clip == (-100.0, 200.0)
     with pytest.raises(ConfigError, match=r"'fingerprint', 'none' or 2 numbers"):
         Config().with_overrides(["preprocess.clip=fingerprnt"])
+
+
+def test_sections_are_frozen_so_a_config_changes_only_through_overrides():
+    config = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.epochs = 5
+    changed = config.with_overrides({"train.epochs": 5})
+    assert (config.train.epochs, changed.train.epochs) == (12, 5)
+    assert "train.epochs" in changed.explicit_keys

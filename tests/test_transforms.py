@@ -3,6 +3,7 @@ stream, trained with, logged, and a failing one named."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -123,3 +124,53 @@ def test_a_user_transform_trains_and_is_logged(tiny_config, tmp_path):
     assert Config.from_dict(result.config.to_dict()).augment.extra == (
         "test_transforms:RandomSpike",
     )
+
+
+# -- the user's own preprocessing step -----------------------------------------------------
+
+
+def plus_hundred(image, label):
+    """A user preprocessing step: shifts the normalised image (label untouched)."""
+    return image + 100.0, label
+
+
+def broken_step(image, label):
+    raise RuntimeError("no preprocessing today")
+
+
+def test_a_preprocessing_step_is_applied_in_training_and_prediction_and_recorded():
+    from medseg.config import PreprocessConfig
+    from medseg.inference import predict_case
+    from medseg.pipeline import PreprocessPlan, preprocess_case
+
+    fingerprint = {"class_names": ["bg", "fg"], "foreground_intensity": {}}
+    config = PreprocessConfig(target_spacing=None, clip="none", normalize="none",
+                              extra=("test_transforms:plus_hundred",))
+    plan = plan_preprocessing(config, fingerprint)
+    assert plan.extra == ("test_transforms:plus_hundred",)
+    assert PreprocessPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    plain = plan_preprocessing(dataclasses.replace(config, extra=()), fingerprint)
+    assert "extra" not in plain.to_dict()  # plans (and cache keys) without steps unchanged
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(4, 6, 6)).astype(np.float32)
+    label = (image > 0).astype(np.int32)
+    spacing = tf.constant([1.0, 1.0, 1.0])
+    out, out_label = preprocess_case(tf.constant(image), tf.constant(label), spacing, plan)
+    np.testing.assert_allclose(out.numpy()[..., 0], image + 100.0, rtol=1e-6)
+    np.testing.assert_array_equal(out_label.numpy(), label)
+    # prediction preprocesses with the same step: a model thresholding at 100 sees it
+    def model(batch):
+        fg = (np.asarray(batch)[..., 0] > 100.0).astype(np.float32)
+        return np.stack([1 - fg, fg], axis=-1)
+
+    labels, _ = predict_case(model, image, (1.0, 1.0, 1.0), plan, (4, 6, 6), 2,
+                             probabilities=False)
+    np.testing.assert_array_equal(labels, label)
+    labels, _ = predict_case(model, image, (1.0, 1.0, 1.0), plain, (4, 6, 6), 2,
+                             probabilities=False)
+    assert not labels.any()
+    bad = dataclasses.replace(plan, extra=("test_transforms:broken_step",))
+    with pytest.raises(TransformError, match="preprocess.extra step test_transforms:broken_step"):
+        preprocess_case(tf.constant(image), None, spacing, bad)
+    with pytest.raises(ConfigError, match="'preprocess.extra': 'nope' is not of the form"):
+        PreprocessConfig(extra=("nope",))

@@ -44,9 +44,16 @@ class PreprocessPlan:
     crop_to_nonzero: bool = False
     crop_threshold: float | None = None
     anisotropy_threshold: float = 3.0
+    # the user's own steps ("module:attribute"), applied last: preprocess.extra
+    extra: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        if not self.extra:  # plans (and cache keys) without user steps stay as they were
+            values.pop("extra")
+        else:
+            values["extra"] = list(self.extra)
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PreprocessPlan:
@@ -65,6 +72,8 @@ class PreprocessPlan:
             for k in ("normalize", "crop_to_nonzero", "crop_threshold", "anisotropy_threshold")
             if k in values
         }
+        if values.get("extra"):
+            extra["extra"] = tuple(str(v) for v in values["extra"])
         return cls(
             target_spacing=tup(values["target_spacing"]),
             clip=tup(values["clip"]),
@@ -166,6 +175,7 @@ def plan_preprocessing(config: PreprocessConfig, fingerprint: dict[str, Any]) ->
         crop_to_nonzero=bool(config.crop_to_nonzero),
         crop_threshold=None if config.crop_threshold is None else float(config.crop_threshold),
         anisotropy_threshold=float(config.anisotropy_threshold),
+        extra=tuple(config.extra),
     )
 
 
@@ -376,6 +386,28 @@ def preprocess_case(image, label, spacing, plan: PreprocessPlan, min_shape=None)
     return image, label
 
 
+def _user_step(spec: str, image, label):
+    """Apply the user's preprocessing step ``spec`` (``(image, label) -> (image, label)``,
+    label None for prediction), naming it when it fails."""
+    from medseg.pipeline.transforms import TransformError, load_transform
+
+    step = load_transform(spec, "preprocess.extra")
+    try:
+        out_image, out_label = step(image, label)
+        out_image = tf.cast(tf.convert_to_tensor(out_image), tf.float32)
+    except Exception as err:
+        raise TransformError(
+            f"preprocess.extra step {spec} failed on an image of shape {image.shape}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    if out_image.shape.rank != image.shape.rank:
+        raise TransformError(
+            f"preprocess.extra step {spec} returned an image of rank {out_image.shape.rank} "
+            f"for one of rank {image.shape.rank}"
+        )
+    return out_image, None if label is None else tf.cast(out_label, tf.int32)
+
+
 def preprocess_with_box(image, label, spacing, plan: PreprocessPlan, min_shape=None):
     """:func:`preprocess_case`, also returning the crop box ``(start, stop)`` in the input
     grid (the whole image when the plan does not crop)."""
@@ -405,6 +437,8 @@ def preprocess_with_box(image, label, spacing, plan: PreprocessPlan, min_shape=N
         image = resample(image, new_shape, "linear", nearest_axis=axis)
         if label is not None:
             label = resample_labels(label, new_shape)
+    for spec in plan.extra:
+        image, label = _user_step(spec, image, label)
     if min_shape is not None:
         image = pad_to_shape(image, min_shape)
         if label is not None:

@@ -194,11 +194,14 @@ def reproduce(
             for k in after if after[k] != before[k]
         ]
         config = changed
-    config.tracking.tracking_uri = uri
-    config.tracking.experiment = client.get_experiment(original.info.experiment_id).name
+    where = {
+        "tracking.tracking_uri": uri,
+        "tracking.experiment": client.get_experiment(original.info.experiment_id).name,
+    }
     if config.train.checkpoint_dir and not (overrides and "train.checkpoint_dir" in str(overrides)):
         # the original's checkpoints would "resume" the finished run: train from scratch
-        config.train.checkpoint_dir = None
+        where["train.checkpoint_dir"] = None
+    config = config.with_overrides(where)
     notes += lineage_differences(original.data.tags, config)
     for note in notes:
         warnings.warn(note, LineageWarning, stacklevel=2)

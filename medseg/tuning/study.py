@@ -212,8 +212,7 @@ class _Objective:
         trial.set_user_attr(STUDY_RUN_ATTR, run_id)
         state = "FAIL"
         try:
-            config = self.config.with_overrides(overrides)
-            config.tracking.run_name = None
+            config = self.config.with_overrides({**overrides, "tracking.run_name": None})
             trial.set_user_attr("config", config.to_dict())
             callbacks = []
             if tune.pruner != "none":
