@@ -24,6 +24,7 @@ import keras
 import mlflow
 import numpy as np
 import optuna
+import sqlalchemy
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -71,11 +72,22 @@ def resolve_storage(url: str) -> str:
 
 
 def _storage(url: str) -> optuna.storages.RDBStorage:
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        # workers write concurrently: wait for sqlite's lock rather than fail at once
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    return optuna.storages.RDBStorage(url, **kwargs)
+    if not url.startswith("sqlite"):
+        return optuna.storages.RDBStorage(url)
+    # workers write concurrently: wait for sqlite's lock rather than fail at once. And
+    # sqlite has no SELECT ... FOR UPDATE: two workers could both read a queued trial as
+    # WAITING and both run it. Every transaction therefore takes the write lock when it
+    # begins (BEGIN IMMEDIATE; SQLAlchemy's pysqlite recipe), which makes Optuna's
+    # read-then-update of a trial's state atomic across processes.
+    storage = optuna.storages.RDBStorage(
+        url, engine_kwargs={"connect_args": {"timeout": 60, "isolation_level": None}}
+    )
+
+    @sqlalchemy.event.listens_for(storage.engine, "begin")
+    def _begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return storage
 
 
 def _pruner(tune: TuneConfig) -> optuna.pruners.BasePruner:
