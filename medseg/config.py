@@ -119,6 +119,9 @@ class PreprocessConfig(_Section):
     crop_threshold: float | None = None
     # nnU-Net: where max/min spacing > this, no interpolation along the one coarse axis
     anisotropy_threshold: float = 3.0
+    # preprocessed cases are held in memory; with a directory, also in a file cache there,
+    # keyed by the preprocessing plan and the dataset version, so later runs skip preprocessing
+    cache_dir: str | None = None
     # the user's own steps, "module:attribute" each: (image, label) -> (image, label) on
     # the resampled case (label None when predicting), cached with the rest and recorded
     # in the plan, so prediction applies them too
@@ -141,9 +144,6 @@ class PatchConfig(_Section):
     min_foreground: float = 0.0
     max_redraws: int = 4
     pad_multiple: int = 8  # "full" mode: the model's total stride
-    # preprocessed cases are held in memory; with a directory, also in a file cache there,
-    # keyed by the preprocessing plan and the dataset version, so later runs skip preprocessing
-    cache_dir: str | None = None
     validation_patches: int = 8  # fixed patches per validation case for per-epoch metrics
 
 
@@ -388,8 +388,10 @@ class Config:
     def from_dict(cls, values: dict[str, Any]) -> Config:
         """Build a config from a nested dict; unknown keys are errors.
 
-        The keys present in ``values`` are its :attr:`explicit_keys`.
+        The keys present in ``values`` are its :attr:`explicit_keys`. A key of an earlier
+        release (`RENAMED`) is read under its new name, with a warning.
         """
+        values = _renamed(values)
         config = _from_dict(cls, values, prefix="")
         return config._with_explicit(_given_keys(values))
 
@@ -428,6 +430,7 @@ class Config:
                 pairs[key.strip()] = value.strip()
             overrides = pairs
         values = self.to_dict()
+        overrides = {RENAMED.get(k, k): v for k, v in _warn_renamed(overrides).items()}
         for key, value in overrides.items():
             section, _, name = key.rpartition(".")
             target = values
@@ -463,6 +466,36 @@ class Config:
 
 
 # -- helpers -------------------------------------------------------------------------
+
+# keys of earlier releases and where they went: still read (old files, logged runs)
+RENAMED = {"patch.cache_dir": "preprocess.cache_dir"}
+
+
+def _warn_renamed(keys):
+    import warnings
+
+    for old in set(keys) & set(RENAMED):
+        warnings.warn(
+            f"config key {old!r} is now {RENAMED[old]!r}", DeprecationWarning, stacklevel=3
+        )
+    return keys
+
+
+def _renamed(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (nested) with the keys of `RENAMED` moved to their new place."""
+    if not isinstance(values, dict):
+        return values
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for old, new in RENAMED.items():
+        section, name = old.split(".")
+        if isinstance(values.get(section), dict) and name in values[section]:
+            _warn_renamed([old])
+            value = values[section].pop(name)
+            target, key = new.split(".")
+            values.setdefault(target, {})
+            if isinstance(values[target], dict):
+                values[target].setdefault(key, value)
+    return values
 
 
 def _unit(closed_high: bool = False):

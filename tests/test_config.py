@@ -190,3 +190,15 @@ def test_sections_are_frozen_so_a_config_changes_only_through_overrides():
     changed = config.with_overrides({"train.epochs": 5})
     assert (config.train.epochs, changed.train.epochs) == (12, 5)
     assert "train.epochs" in changed.explicit_keys
+
+
+def test_a_renamed_key_is_read_under_its_new_name_with_a_warning(tmp_path):
+    with pytest.warns(DeprecationWarning, match="'patch.cache_dir' is now 'preprocess.cache_dir'"):
+        config = Config().with_overrides([f"patch.cache_dir={tmp_path}"])
+    assert config.preprocess.cache_dir == str(tmp_path)
+    assert "preprocess.cache_dir" in config.explicit_keys
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"patch": {"cache_dir": "/data/cache", "batch_size": 4}}))
+    with pytest.warns(DeprecationWarning):
+        old = Config.from_file(path)
+    assert (old.preprocess.cache_dir, old.patch.batch_size) == ("/data/cache", 4)

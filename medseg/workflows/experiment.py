@@ -188,7 +188,7 @@ def train_model(
     start_step = resume_step(config.train, checkpoints)
     num_classes = len(setup.class_names)
     det = config.train.deterministic
-    cache_dir = config.patch.cache_dir
+    cache_dir = config.preprocess.cache_dir
     train_cases = preprocessed_cases(
         setup.builder,
         config.data.split,
