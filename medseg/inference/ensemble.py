@@ -3,13 +3,13 @@ pooled cases (``ensemble.json`` of a ``medseg evaluate`` run; ``medseg predict -
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medseg.inference.postprocess import check_postprocessing
+from medseg.io.jsonfile import read_json, write_json
 
 __all__ = ["Ensemble"]
 
@@ -48,18 +48,8 @@ class Ensemble:
         return cls(tuple(models), decision)
 
     def save(self, path: str | os.PathLike) -> Path:
-        from medseg.io.atomic import write_atomically
-
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        return write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Ensemble:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"ensemble file {path} does not exist")
-        try:
-            values = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"ensemble file {path} is not valid JSON: {err}") from err
-        return cls.from_dict(values, where=f"ensemble file {path}")
+        return cls.from_dict(read_json(path, "ensemble file"), where=f"ensemble file {path}")

@@ -10,7 +10,6 @@ decided from the run's validation cases.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -137,17 +136,11 @@ class PredictionPlan:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> PredictionPlan:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"plan file {path} does not exist")
-        try:
-            values = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"plan file {path} is not valid JSON: {err}") from err
-        return cls.from_dict(values, where=f"plan file {path}")
+        from medseg.io.jsonfile import read_json
+
+        return cls.from_dict(read_json(path, "plan file"), where=f"plan file {path}")
 
     def save(self, path: str | os.PathLike) -> Path:
-        from medseg.io.atomic import write_atomically
+        from medseg.io.jsonfile import write_json
 
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        return write_atomically(path, lambda tmp: tmp.write_text(text))
+        return write_json(path, self.to_dict())

@@ -19,7 +19,6 @@ JSON-able dict, saved with the run (in its ``plan.json``) and applied by predict
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from medseg.io.atomic import write_atomically
+from medseg.io.jsonfile import read_json, write_json
 
 __all__ = [
     "Components",
@@ -383,8 +382,7 @@ def describe_postprocessing(decision: Mapping[str, Any] | None) -> str:
 
 def save_postprocessing(decision: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write a decision as JSON (atomically)."""
-    text = json.dumps(decision, indent=2, sort_keys=True, allow_nan=True) + "\n"
-    return write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+    return write_json(path, decision, sort_keys=True, allow_nan=True)
 
 
 def check_postprocessing(decision: Any, where: str) -> dict[str, Any]:
@@ -410,9 +408,5 @@ def check_postprocessing(decision: Any, where: str) -> dict[str, Any]:
 
 def load_postprocessing(path: str | os.PathLike) -> dict[str, Any]:
     """Read a decision written by `save_postprocessing`, checking its form."""
-    path = Path(path)
-    try:
-        decision = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"postprocessing file {path} is not valid JSON: {err}") from err
+    decision = read_json(path, "postprocessing file")
     return check_postprocessing(decision, f"postprocessing file {path}")

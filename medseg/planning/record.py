@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medseg.io.jsonfile import read_json, write_json
 from medseg.planning.rules import Topology
 
 __all__ = ["PLAN_VERSION", "Decision", "ExperimentPlan", "PlanError"]
@@ -182,20 +183,11 @@ class ExperimentPlan:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the plan as JSON, atomically (a temporary file, then a rename)."""
-        from medseg.io.atomic import write_atomically
-
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        return write_atomically(path, lambda tmp: tmp.write_text(text))
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ExperimentPlan:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"plan file {path} does not exist")
-        try:
-            values = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise PlanError(f"plan file {path} is not valid JSON: {err}") from err
+        values = read_json(path, "plan file", error=PlanError)
         return cls.from_dict(values, where=f"plan file {path}")
 
 
