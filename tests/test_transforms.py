@@ -174,3 +174,28 @@ def test_a_preprocessing_step_is_applied_in_training_and_prediction_and_recorded
         preprocess_case(tf.constant(image), None, spacing, bad)
     with pytest.raises(ConfigError, match="'preprocess.extra': 'nope' is not of the form"):
         PreprocessConfig(extra=("nope",))
+
+
+def test_the_builtin_augmentation_is_small_transform_objects_with_the_same_draws():
+    from medseg.pipeline.augment import RandomIntensity, augment, builtin_transforms
+
+    config = AugmentConfig(jit=False, rot90_probability=0.5, elastic_probability=0.5,
+                           noise_probability=0.5, lowres_probability=0.5)
+    names = [type(t).__name__ for t in builtin_transforms(config)]
+    assert names[:3] == ["RandomSpatial", "RandomRot90", "RandomFlip"]
+    assert [t.name for t in builtin_transforms(config)[3:]] == [
+        "noise", "blur", "brightness", "contrast", "lowres", "gamma_inverted", "gamma"
+    ]
+    rng = np.random.default_rng(3)
+    image = tf.constant(rng.normal(size=(6, 12, 12, 1)).astype(np.float32))
+    label = tf.constant(rng.integers(0, 3, size=(6, 12, 12)).astype(np.int32))
+    for s in range(4):
+        seed = tf.constant([s, 1], tf.int64)
+        x, y = image, label
+        for transform in builtin_transforms(config):  # composed by hand
+            x, y = transform(x, y, seed)
+        ex, ey = augment(image, label, config, seed)
+        np.testing.assert_array_equal(x.numpy(), ex.numpy())
+        np.testing.assert_array_equal(y.numpy(), ey.numpy())
+    with pytest.raises(ValueError, match="no intensity transform 'sharpen'"):
+        RandomIntensity("sharpen", config)

@@ -4,10 +4,17 @@
 ``tf.cond`` so a transform that is not drawn costs nothing):
 
 1. rotation, scaling and elastic deformation, combined into ONE resampling pass
-   (linear image, nearest label, XLA-compiled; see :mod:`medseg.pipeline.spatial`);
-2. 90° rotation in the plane of the last two spatial axes, and mirroring per axis;
+   (linear image, nearest label, XLA-compiled; see :mod:`medseg.pipeline.spatial`):
+   :class:`RandomSpatial`;
+2. 90° rotation in the plane of the last two spatial axes, and mirroring per axis:
+   :class:`RandomRot90`, :class:`RandomFlip`;
 3. Gaussian noise, Gaussian blur, multiplicative brightness, contrast, low-resolution
-   simulation and gamma (also of the inverted image), as in nnU-Net.
+   simulation and gamma (also of the inverted image), as in nnU-Net: a
+   :class:`RandomIntensity` each.
+
+Each is a small transform object ``(image, label, seed) -> (image, label)`` with fixed
+stream ids (:func:`builtin_transforms` lists them in order), the protocol of the user's
+own transforms (:mod:`medseg.pipeline.transforms`).
 
 Every random number is drawn with ``tf.random.stateless_*`` from one ``(2,)`` seed, so a
 seed gives the same output in every run, in eager mode, in ``tf.function`` and in
@@ -65,6 +72,13 @@ def augment(image, label, config: AugmentConfig, seed):
             f"augment: image must be (*spatial, C) with 2 or 3 spatial axes, got shape "
             f"{image.shape}"
         )
+    for transform in builtin_transforms(config):
+        image, label = transform(image, label, seed)
+    return image, label
+
+
+def _keys(seed):
+    """``key(stream, sub)``: the stateless seed of one transform's draw ``sub``."""
     seed = tf.cast(seed, tf.int64)
 
     def key(stream, sub=0):
@@ -72,22 +86,84 @@ def augment(image, label, config: AugmentConfig, seed):
             tf.random.experimental.stateless_fold_in(seed, stream), sub
         )
 
-    image, label = _spatial(image, label, config, key)
-    if config.rot90_probability > 0:
+    return key
+
+
+class RandomSpatial:
+    """Rotation, scaling and elastic deformation (each its own coin and stream) in ONE
+    resampling pass: linear image, nearest label."""
+
+    def __init__(self, config: AugmentConfig):
+        self.config = config
+
+    def __call__(self, image, label, seed):
+        return _spatial(image, label, self.config, _keys(seed))
+
+
+class RandomRot90:
+    """90° rotation in the plane of the last two spatial axes."""
+
+    def __init__(self, config: AugmentConfig):
+        self.config = config
+
+    def __call__(self, image, label, seed):
+        config, key = self.config, _keys(seed)
+        if config.rot90_probability <= 0:
+            return image, label
         rotated = _maybe(
             config.rot90_probability,
             key(_ROT90),
             lambda: _drop_none(random_rot90(image, label, key(_ROT90, 1), config.jit)),
             _drop_none((image, label)),
         )
-        image, label = rotated if label is not None else (rotated[0], None)
-    axes = [a for a in config.flip_axes if a < ndim]
-    if config.flip_probability > 0 and axes:
-        image, label = random_flip(
-            image, label, axes, config.flip_probability, key(_FLIP), config.jit
+        return rotated if label is not None else (rotated[0], None)
+
+
+class RandomFlip:
+    """Mirroring, a coin per axis of ``augment.flip_axes``."""
+
+    def __init__(self, config: AugmentConfig):
+        self.config = config
+
+    def __call__(self, image, label, seed):
+        config = self.config
+        axes = [a for a in config.flip_axes if a < image.shape.rank - 1]
+        if config.flip_probability <= 0 or not axes:
+            return image, label
+        return random_flip(
+            image, label, axes, config.flip_probability, _keys(seed)(_FLIP), config.jit
         )
 
-    return _intensity(image, config, key), label
+
+class RandomIntensity:
+    """One of nnU-Net's intensity transforms (``noise``, ``blur``, ``brightness``,
+    ``contrast``, ``lowres``, ``gamma_inverted``, ``gamma``) with its own coin and stream;
+    the label passes through."""
+
+    def __init__(self, name: str, config: AugmentConfig):
+        if name not in _INTENSITY:
+            raise ValueError(f"no intensity transform {name!r}: one of {', '.join(_INTENSITY)}")
+        self.name, self.config = name, config
+        self.stream, self.probability_key, self.fn = _INTENSITY[name]
+
+    def __call__(self, image, label, seed):
+        key = _keys(seed)
+        probability = getattr(self.config, self.probability_key)
+        fn = self.fn
+        image = _maybe(probability, key(self.stream),
+                       lambda: fn(image, self.config, key), image)
+        return image, label
+
+
+def builtin_transforms(config: AugmentConfig) -> list:
+    """The configured augmentation as transform objects, in nnU-Net's order: spatial
+    (one resampling), rot90, flip, then the intensity transforms."""
+    return [
+        RandomSpatial(config),
+        RandomRot90(config),
+        RandomFlip(config),
+        *(RandomIntensity(name, config) for name in _INTENSITY),
+    ]
 
 
 _KERNELS: dict = {}
@@ -113,50 +189,54 @@ def _drop_none(pair):
     return tuple(x for x in pair if x is not None)
 
 
-def _intensity(image, config: AugmentConfig, key):
-    """nnU-Net's order: noise, blur, brightness, contrast, low resolution, gamma."""
-    channels = tf.shape(image)[-1]
+def _draw(key, stream, values, shape=()):
+    return _uniform(key(stream, 1), float(values[0]), float(values[1]), shape)
 
-    def draw(stream, values, shape=()):
-        return _uniform(key(stream, 1), float(values[0]), float(values[1]), shape)
 
-    def noise(x):
-        return add_noise(x, draw(_NOISE, config.noise_std), key(_NOISE, 2))
+def _noise(x, config, key):
+    return add_noise(x, _draw(key, _NOISE, config.noise_std), key(_NOISE, 2))
 
-    def blur(x):
-        radius = _radius(config.blur_sigma[1])
-        return _compiled(gaussian_blur, config.jit, radius=radius)(x, draw(_BLUR, config.blur_sigma))
 
-    def brightness(x):
-        return x * draw(_BRIGHTNESS, config.brightness_range, [channels])
+def _blur(x, config, key):
+    radius = _radius(config.blur_sigma[1])
+    return _compiled(gaussian_blur, config.jit, radius=radius)(
+        x, _draw(key, _BLUR, config.blur_sigma)
+    )
 
-    def contrast(x):
-        return adjust_contrast(x, draw(_CONTRAST, config.contrast_range, [channels]))
 
-    def lowres(x):
-        zoom = draw(_LOWRES, config.lowres_zoom)
-        return _compiled(simulate_low_resolution, config.jit)(x, zoom)
+def _brightness(x, config, key):
+    return x * _draw(key, _BRIGHTNESS, config.brightness_range, [tf.shape(x)[-1]])
 
-    def gamma_inverted(x):
-        g = _gamma(key(_GAMMA_INV, 1), config.gamma_range, channels)
-        return -adjust_gamma(-x, g, jit=config.jit)
 
-    def gamma(x):
-        g = _gamma(key(_GAMMA, 1), config.gamma_range, channels)
-        return adjust_gamma(x, g, jit=config.jit)
+def _contrast(x, config, key):
+    return adjust_contrast(x, _draw(key, _CONTRAST, config.contrast_range, [tf.shape(x)[-1]]))
 
-    steps = [
-        (_NOISE, config.noise_probability, noise),
-        (_BLUR, config.blur_probability, blur),
-        (_BRIGHTNESS, config.brightness_probability, brightness),
-        (_CONTRAST, config.contrast_probability, contrast),
-        (_LOWRES, config.lowres_probability, lowres),
-        (_GAMMA_INV, config.gamma_invert_probability, gamma_inverted),
-        (_GAMMA, config.gamma_probability, gamma),
-    ]
-    for stream, probability, fn in steps:
-        image = _maybe(probability, key(stream), lambda fn=fn, x=image: fn(x), image)
-    return image
+
+def _lowres(x, config, key):
+    zoom = _draw(key, _LOWRES, config.lowres_zoom)
+    return _compiled(simulate_low_resolution, config.jit)(x, zoom)
+
+
+def _gamma_inverted(x, config, key):
+    g = _gamma(key(_GAMMA_INV, 1), config.gamma_range, tf.shape(x)[-1])
+    return -adjust_gamma(-x, g, jit=config.jit)
+
+
+def _gamma_plain(x, config, key):
+    g = _gamma(key(_GAMMA, 1), config.gamma_range, tf.shape(x)[-1])
+    return adjust_gamma(x, g, jit=config.jit)
+
+
+# name: (stream, probability key, op), in nnU-Net's order
+_INTENSITY = {
+    "noise": (_NOISE, "noise_probability", _noise),
+    "blur": (_BLUR, "blur_probability", _blur),
+    "brightness": (_BRIGHTNESS, "brightness_probability", _brightness),
+    "contrast": (_CONTRAST, "contrast_probability", _contrast),
+    "lowres": (_LOWRES, "lowres_probability", _lowres),
+    "gamma_inverted": (_GAMMA_INV, "gamma_invert_probability", _gamma_inverted),
+    "gamma": (_GAMMA, "gamma_probability", _gamma_plain),
+}
 
 
 def check_augment_config(config: AugmentConfig) -> None:
