@@ -104,3 +104,20 @@ def test_loo_splits_file(tmp_path):
     folds = load_or_create_splits(path, CASES[:4], "loo")
     assert [f.test_ids for f in folds] == [[c] for c in CASES[:4]]
     assert load_or_create_splits(path, CASES[:4], "loo") == folds
+
+
+def test_the_splits_record_round_trips_and_names_a_bad_file(tmp_path):
+    from medseg.evaluation import kfold_splits
+    from medseg.evaluation.protocols import Splits, load_or_create_splits
+
+    ids = [f"case_{i}" for i in range(6)]
+    folds = load_or_create_splits(tmp_path / "s.json", ids, "kfold", 3, seed=4)
+    splits = Splits.load(tmp_path / "s.json")
+    assert splits.folds == tuple(folds) == tuple(kfold_splits(ids, 3, 4))
+    assert (splits.protocol, splits.seed, splits.num_folds) == ("kfold", 4, 3)
+    assert Splits.from_dict(splits.to_dict()) == splits
+    broken = splits.to_dict()
+    broken["folds"][0]["test"] = broken["folds"][1]["test"]  # a case tested twice
+    (tmp_path / "bad.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="bad.json: its folds do not test every case exactly once"):
+        Splits.load(tmp_path / "bad.json")

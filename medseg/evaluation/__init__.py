@@ -19,6 +19,7 @@ from medseg.evaluation.metrics import (
 )
 from medseg.evaluation.protocols import (
     Fold,
+    Splits,
     explicit_split,
     holdout_split,
     kfold_splits,
@@ -40,6 +41,7 @@ __all__ = [
     "score_key",
     "wide_scores",
     "Fold",
+    "Splits",
     "dice_per_class",
     "dice_region",
     "directed_surface_distances",

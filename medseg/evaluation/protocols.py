@@ -8,7 +8,6 @@ ids, free of TensorFlow.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.io.atomic import write_atomically
+from medseg.io.jsonfile import read_json, write_json
 
 __all__ = [
     "PROTOCOLS",
+    "Splits",
     "Fold",
     "explicit_split",
     "holdout_split",
@@ -140,14 +140,71 @@ def explicit_split(
     return [Fold("lists", train, test)]
 
 
-def _folds_from_json(path: Path, data: object) -> list[Fold]:
-    try:
-        return [
-            Fold(str(f["name"]), list(f["train"]), list(f["test"]), f.get("test_split"))
-            for f in data["folds"]
-        ]
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"splits file {path} is not a medseg splits file: {err!r}") from err
+@dataclass(frozen=True)
+class Splits:
+    """Saved k-fold or leave-one-out folds: the record behind ``evaluation.splits_file``.
+
+    Attributes
+    ----------
+    protocol : {"kfold", "loo"}
+    seed : int
+        The seed the folds were drawn with (only matters when they are made).
+    case_ids : tuple of str
+        Every case, sorted; each is tested by exactly one fold.
+    folds : tuple of Fold
+    """
+
+    protocol: str
+    seed: int
+    case_ids: tuple[str, ...]
+    folds: tuple[Fold, ...]
+
+    @property
+    def num_folds(self) -> int:
+        return len(self.folds)
+
+    def to_dict(self) -> dict:
+        return {
+            "protocol": self.protocol,
+            "num_folds": self.num_folds,
+            "seed": self.seed,
+            "case_ids": list(self.case_ids),
+            "folds": [f.to_dict() for f in self.folds],
+        }
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "splits") -> Splits:
+        """Read a splits record; ``where`` (the file) names it in errors."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where} is not a medseg splits file")
+        try:
+            folds = tuple(
+                Fold(str(f["name"]), list(f["train"]), list(f["test"]), f.get("test_split"))
+                for f in data["folds"]
+            )
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{where} is not a medseg splits file: {err!r}") from err
+        splits = cls(
+            protocol=str(data.get("protocol")),
+            seed=int(data.get("seed") or 0),
+            case_ids=tuple(sorted(str(c) for c in data.get("case_ids", []))),
+            folds=folds,
+        )
+        if data.get("num_folds") not in (None, len(folds)):
+            raise ValueError(
+                f"{where}: 'num_folds' is {data.get('num_folds')} but it lists {len(folds)} folds"
+            )
+        tested = sorted(c for f in folds for c in f.test_ids)
+        if tested != list(splits.case_ids):
+            raise ValueError(f"{where}: its folds do not test every case exactly once")
+        return splits
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Splits:
+        return cls.from_dict(read_json(path, "splits file"), where=f"splits file {path}")
 
 
 def load_or_create_splits(
@@ -184,14 +241,9 @@ def load_or_create_splits(
     if protocol not in ("kfold", "loo"):
         raise ValueError(f"saved splits are for 'kfold' and 'loo', not {protocol!r}")
     if path.exists():
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"splits file {path} is not valid JSON: {err}") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"splits file {path} is not a medseg splits file")
-        saved = sorted(data.get("case_ids", []))
-        if saved != ids:
+        data = read_json(path, "splits file")
+        saved = sorted(data.get("case_ids", [])) if isinstance(data, dict) else None
+        if saved is not None and saved != ids:
             missing = sorted(set(ids) - set(saved))
             extra = sorted(set(saved) - set(ids))
             raise ValueError(
@@ -199,25 +251,15 @@ def load_or_create_splits(
                 f"no longer in the data: {extra}); delete it or set evaluation.splits_file"
             )
         expected_k = len(ids) if protocol == "loo" else k
-        if data.get("protocol") != protocol or data.get("num_folds") != expected_k:
+        if isinstance(data, dict) and (
+            data.get("protocol") != protocol or data.get("num_folds") != expected_k
+        ):
             raise ValueError(
                 f"splits file {path} holds {data.get('protocol')!r} with "
                 f"{data.get('num_folds')} folds, but {protocol!r} with {expected_k} folds was "
                 "asked for; delete it or set evaluation.splits_file"
             )
-        folds = _folds_from_json(path, data)
-        tested = sorted(c for f in folds for c in f.test_ids)
-        if tested != ids:
-            raise ValueError(f"splits file {path}: its folds do not test every case exactly once")
-        return folds
+        return list(Splits.from_dict(data, where=f"splits file {path}").folds)
     folds = leave_one_out_splits(ids) if protocol == "loo" else kfold_splits(ids, k, seed)
-    data = {
-        "protocol": protocol,
-        "num_folds": len(folds),
-        "seed": seed,
-        "case_ids": ids,
-        "folds": [f.to_dict() for f in folds],
-    }
-    text = json.dumps(data, indent=2) + "\n"
-    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+    Splits(protocol, seed, tuple(ids), tuple(folds)).save(path)
     return folds
