@@ -1,7 +1,7 @@
-"""What a run logs besides params and tags: results, tables, plots, and their names.
+"""What a run logs besides params and tags: results, tables and plots.
 
-Artifact names live here once: the writers below and the readers (``medseg predict``,
-``medseg reproduce``, a resumed evaluation) use the same constants.
+Their names live in :mod:`medseg.tracking.names` (re-exported here): the writers below and
+the readers (``medseg predict``, ``medseg reproduce``, a resumed evaluation) share them.
 """
 
 from __future__ import annotations
@@ -28,6 +28,22 @@ from medseg.inference.ensemble import Ensemble
 from medseg.inference.postprocess import save_postprocessing
 from medseg.pipeline import read_cases
 from medseg.tracking.callbacks import finite
+from medseg.tracking.names import (
+    CASE_POSTPROCESSING,
+    CASES,
+    CONFIG,
+    ENSEMBLE,
+    EXPERIMENT_PLAN,
+    FINGERPRINT,
+    FOLD,
+    HISTORY,
+    PLAN,
+    PLAN_OVERRIDES,
+    POSTPROCESSING,
+    SCORES,
+    SPLIT,
+    VALIDATION_CASES,
+)
 from medseg.workflows.cross_validation import CrossValidationResult
 from medseg.workflows.experiment import DataSetup, ExperimentResult, prediction_plan
 
@@ -55,22 +71,6 @@ __all__ = [
     "write_scores",
     "write_tsv",
 ]
-
-CONFIG = "config.json"  # the resolved config (medseg reproduce)
-PLAN = "plan.json"  # what prediction needs besides the model (PredictionPlan)
-EXPERIMENT_PLAN = "experiment_plan.json"  # the plan as it ran (ExperimentPlan)
-PLAN_OVERRIDES = "plan_overrides.json"
-FINGERPRINT = "fingerprint.json"
-SPLIT = "split.json"
-HISTORY = "training/history.tsv"
-VALIDATION_CASES = "evaluation/validation_cases.tsv"
-POSTPROCESSING = "postprocessing.json"  # in "evaluation/" for a run, at the top for a CV
-CASE_POSTPROCESSING = "evaluation/case_postprocessing.json"
-FOLD = "fold.json"
-CASES = "evaluation/cases.tsv"  # a cross-validation's pooled cases
-# per-case scores as a long table: case_id, structure, metric, value (a CV: fold first)
-SCORES = "evaluation/scores.tsv"
-ENSEMBLE = "ensemble.json"
 
 
 def display_window(plan) -> tuple[float, float] | None:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 from medseg.inference import PredictionPlan, load_model_file
 from medseg.inference.files import is_model_uri
+from medseg.tracking import names
 from medseg.tracking.store import resolve_tracking_uri
 
 __all__ = ["load_model", "load_plan", "log_model", "model_signature", "source_run_id"]
@@ -136,15 +137,15 @@ def load_plan(model_uri: str, tracking_uri: str | None = None) -> PredictionPlan
                 ) from err
             return json.loads(Path(path).read_text())
 
-        values = fetch("plan.json")
+        values = fetch(names.PLAN)
         if values.get("class_names") is None or values.get("patch_size") is None:
             from medseg.models import stride
 
             # read as a plain dict: an older config may hold keys Config no longer has
-            config = fetch("config.json")
+            config = fetch(names.CONFIG)
             values = {
                 **values,
-                "class_names": fetch("fingerprint.json")["class_names"],
+                "class_names": fetch(names.FINGERPRINT)["class_names"],
                 "patch_size": list(config["patch"]["patch_size"]),
                 "stride": stride(config["model"]["depth"]),
             }

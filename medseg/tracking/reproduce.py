@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from medseg.config import Config, ConfigError
+from medseg.tracking import names
 from medseg.tracking.lineage import git_state, package_versions
 from medseg.tracking.run import run_training
 from medseg.tracking.store import resolve_tracking_uri
@@ -83,7 +84,7 @@ def recorded_config(run_id: str, tracking_uri: str) -> Config:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path="config.json", dst_path=tmp,
+                run_id=run_id, artifact_path=names.CONFIG, dst_path=tmp,
                 tracking_uri=tracking_uri,
             )
             return Config.from_file(path)
@@ -105,7 +106,7 @@ def recorded_plan(run_id: str, tracking_uri: str, directory: str) -> Path | None
     (a run from before plans were logged)."""
     try:
         path = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path="experiment_plan.json", dst_path=directory,
+            run_id=run_id, artifact_path=names.EXPERIMENT_PLAN, dst_path=directory,
             tracking_uri=tracking_uri,
         )
     except (MlflowException, OSError):
