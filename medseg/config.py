@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import re
 import tomllib
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -472,8 +474,6 @@ RENAMED = {"patch.cache_dir": "preprocess.cache_dir"}
 
 
 def _warn_renamed(keys):
-    import warnings
-
     for old in set(keys) & set(RENAMED):
         warnings.warn(
             f"config key {old!r} is now {RENAMED[old]!r}", DeprecationWarning, stacklevel=3
@@ -579,9 +579,14 @@ def _describe(hint: Any) -> str:
     )
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # resolves the string annotations: once per class
+
+
 def _check_section(section: Any) -> None:
     name = _SECTION_NAMES.get(type(section), type(section).__name__)
-    hints = typing.get_type_hints(type(section))
+    hints = _hints(type(section))
     for f in dataclasses.fields(section):
         key, value = f"{name}.{f.name}", getattr(section, f.name)
         choices = _literal_choices(hints[f.name])

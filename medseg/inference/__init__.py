@@ -9,7 +9,7 @@ from medseg.inference.files import (
     predict_files,
 )
 from medseg.inference.plan import PredictionPlan
-from medseg.inference.predictor import predict_case, resample_chunks, to_source_grid
+from medseg.inference.predictor import predict_case
 from medseg.inference.sliding_window import (
     SlidingWindow,
     WeightedMerger,
@@ -21,6 +21,7 @@ from medseg.inference.sliding_window import (
     sliding_window_tensor,
     window_starts,
 )
+from medseg.pipeline.geometry import resample_chunks, to_source_grid
 
 __all__ = [
     "Ensemble",

@@ -8,10 +8,10 @@ import numpy as np
 import tensorflow as tf
 
 from medseg.inference.sliding_window import SlidingWindow
-from medseg.pipeline.geometry import prepare_case, resample_chunks, to_source_grid
+from medseg.pipeline.geometry import prepare_case
 from medseg.pipeline.preprocess import PreprocessPlan
 
-__all__ = ["predict_case", "resample_chunks", "slabs", "to_source_grid"]
+__all__ = ["predict_case", "slabs"]
 
 
 def predict_case(
@@ -85,30 +85,21 @@ def predict_case(
                 f"{tuple(patch_size)}"
             )
     if window is None:
-        plane = slab is not None
         window = SlidingWindow(
-            tuple(int(p) for p in (patch_size[1:] if plane else patch_size)),
+            tuple(int(p) for p in patch_size),
             overlap,
             batch_size,
             weighting,
-            # a slab model mirrors in-plane only (its slices are channels)
-            tuple(a - 1 for a in mirror_axes if a > 0) if plane else tuple(mirror_axes),
-            _plane_stride(stride) if plane else _as_stride(stride),
+            tuple(mirror_axes),
+            stride if stride is None or np.isscalar(stride) else tuple(int(s) for s in stride),
         )
+        if slab is not None:
+            window = window.in_plane()
     if slab is None:
         probs = window(prepared, model, num_classes)
     else:
         probs = tf.stack([window(x, model, num_classes) for x in slabs(prepared, slab)])
     return geometry.invert(probs, probabilities)
-
-
-def _as_stride(stride):
-    return stride if stride is None or np.isscalar(stride) else tuple(int(s) for s in stride)
-
-
-def _plane_stride(stride):
-    stride = _as_stride(stride)
-    return stride if stride is None or np.isscalar(stride) else stride[-2:]
 
 
 def slabs(volume: tf.Tensor, k: int) -> Iterator[tf.Tensor]:

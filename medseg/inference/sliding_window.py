@@ -11,6 +11,7 @@ flips and over the models of an ensemble.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import weakref
@@ -274,19 +275,26 @@ class SlidingWindow:
         """The window of a :class:`~medseg.inference.PredictionPlan` (patch, stride) with
         the settings of an :class:`~medseg.config.InferenceConfig`. For a slab model the
         window is the in-plane patch."""
-        patch, stride = tuple(plan.patch_size), plan.stride
-        mirror = tuple(inference.mirror_axes)
-        if getattr(plan, "slab", None):  # in-plane: the slab's slices are channels
-            patch = patch[1:]
-            stride = stride if stride is None or np.isscalar(stride) else tuple(stride)[-2:]
-            mirror = tuple(a - 1 for a in mirror if a > 0)
-        return cls(
-            patch_size=tuple(int(p) for p in patch),
+        stride = plan.stride
+        window = cls(
+            patch_size=tuple(int(p) for p in plan.patch_size),
             overlap=float(inference.overlap),
             batch_size=int(inference.batch_size),
             weighting=inference.weighting,
-            mirror_axes=mirror,
+            mirror_axes=tuple(inference.mirror_axes),
             stride=stride if stride is None or np.isscalar(stride) else tuple(stride),
+        )
+        return window.in_plane() if getattr(plan, "slab", None) else window
+
+    def in_plane(self) -> SlidingWindow:
+        """The 2D window of a slab model trained on this (k, H, W) patch: its slices are
+        channels, so the window, the stride and the mirrored axes are the in-plane ones."""
+        stride = self.stride
+        return dataclasses.replace(
+            self,
+            patch_size=tuple(self.patch_size[1:]),
+            mirror_axes=tuple(a - 1 for a in self.mirror_axes if a > 0),
+            stride=stride if stride is None or np.isscalar(stride) else tuple(stride)[-2:],
         )
 
     def __call__(self, image, model, num_classes: int | None = None) -> tf.Tensor:

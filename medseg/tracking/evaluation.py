@@ -18,11 +18,10 @@ from __future__ import annotations
 from mlflow.tracking import MlflowClient
 
 from medseg.config import Config
-from medseg.tracking.artifacts import log_dataset_overview
 from medseg.tracking.observer import MlflowObserver, finished_folds
 from medseg.workflows.cross_validation import CrossValidationResult, run_cross_validation
 
-__all__ = ["fold_model_uris", "load_fold_models", "log_dataset_overview", "run_evaluation"]
+__all__ = ["fold_model_uris", "load_fold_models", "run_evaluation"]
 
 
 def run_evaluation(
