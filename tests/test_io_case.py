@@ -85,3 +85,14 @@ def test_dicom_folder_copy_keeps_case_id(tmp_path):
     folder = tmp_path / "patient7"
     shutil.copytree(CT5N, folder)
     assert read_case("patient7-ct", folder).case_id == "patient7-ct"
+
+
+def test_dicom_label_file_errors_name_the_case(tmp_path):
+    series = read_dicom_series(CT5N)
+    flat = series.affine.copy()
+    flat[:3, 0] *= 1e-6  # slice axis squashed to 2.5 nm: a corrupt label header
+    label = write_nifti(tmp_path / "seg.nii.gz", np.zeros(series.image.shape, np.uint8), flat)
+    with pytest.raises(
+        MedsegIOError, match=r"^case 'ct': .*seg\.nii\.gz: implausible voxel spacing \[2\.5e-06"
+    ):
+        read_case("ct", CT5N, label)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -163,3 +164,75 @@ def test_single_slice_uses_slice_thickness(tmp_path):
     record = read_dicom_series(folder)
     assert record.image.shape == (1, 16, 16)
     np.testing.assert_allclose(record.spacing, (2.5, 0.488281, 0.488281), atol=1e-6)
+
+
+# --- limits and staging ----------------------------------------------------------------
+
+
+def _synthetic_series(folder, n_slices=20, size=256, slope=1.0):
+    """``n_slices`` CT slices of ``size`` x ``size`` built from one CT5N file; returns the
+    stored pixel values in slice order."""
+    folder.mkdir()
+    template = pydicom.dcmread(CT5N / "2062")
+    rng = np.random.default_rng(0)
+    stored = rng.integers(0, 2000, size=(n_slices, size, size)).astype(np.int16)
+    for k in range(n_slices):
+        ds = copy.deepcopy(template)
+        ds.Rows = ds.Columns = size
+        ds.PixelData = stored[k].tobytes()
+        ds.SOPInstanceUID = f"{template.SOPInstanceUID}.{k}"
+        ds.ImagePositionPatient = [-72.2, -143.0, 2.5 * k]
+        ds.RescaleSlope = slope
+        ds.save_as(folder / f"slice{k:03d}.dcm")
+    return stored
+
+
+@pytest.mark.parametrize("slope", [1.0, 0.5])
+def test_series_is_staged_in_float32_not_float64(tmp_path, slope):
+    import tracemalloc
+
+    stored = _synthetic_series(tmp_path / "s", slope=slope)
+    expected = stored * slope - 1024.0
+    tracemalloc.start()
+    try:
+        record = read_dicom_series(tmp_path / "s")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert record.image.dtype == (np.int16 if slope == 1.0 else np.float32)
+    np.testing.assert_array_equal(record.image, expected.astype(record.image.dtype))
+    # float32 staging + int16 result = 6 B/voxel, plus one slice's temporaries and the
+    # headers held from the scan (~100 kB per CT5N file, ~2 B/voxel here); a float64
+    # volume (slices + their stack + its rounding) was 26 B/voxel on this series.
+    assert peak < 10 * stored.size, f"peak {peak / stored.size:.1f} B/voxel"
+
+
+def test_limits_are_checked_from_headers_and_can_be_raised(tmp_path):
+    folder = _copy(CT5N, tmp_path)  # 5 x 16 x 16 = 1280 voxels = 5120 B as float32
+    assert read_dicom_series(folder, max_bytes=5120, max_voxels=1280).image.shape == (5, 16, 16)
+    with pytest.raises(MedsegIOError, match=r"16 x 5 slices = 5120 bytes as float32 .*=5119;"):
+        read_dicom_series(folder, max_bytes=5119)
+    with pytest.raises(MedsegIOError, match=r"1280 voxels, more than max_voxels=1279"):
+        read_dicom_series(folder, max_voxels=1279)
+
+
+def test_micro_scale_and_thick_slices_pass_outside_range_refused(tmp_path):
+    folder = _copy(CT5N, tmp_path)
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.PixelSpacing = [0.3, 0.3]
+        ds.save_as(path)
+    np.testing.assert_allclose(read_dicom_series(folder).spacing, (2.5, 0.3, 0.3))
+    with pytest.raises(MedsegIOError, match=r"implausible voxel spacing .*allowed 0\.5\.\.10 mm"):
+        read_dicom_series(folder, spacing_range_mm=(0.5, 10.0))
+
+
+def test_file_missing_rows_is_an_error_not_skipped(tmp_path):
+    # Skipping it would silently drop a slice from the volume.
+    folder = _copy(CT5N, tmp_path)
+    ds = pydicom.dcmread(folder / "2693")
+    del ds.Rows
+    ds.save_as(folder / "2693")
+    assert [len(v) for v in list_dicom_series(folder).values()] == [5]
+    with pytest.raises(MedsegIOError, match=r"2693: missing Rows \(0028,0010\)"):
+        read_dicom_series(folder)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import os
 import stat
+import subprocess
+import sys
 import time
 
 import nibabel as nib
@@ -332,3 +334,100 @@ def test_case_truncated_image_names_case_and_file(tmp_path):
     image_path.write_bytes(data[: len(data) // 2])
     with pytest.raises(MedsegIOError, match=r"case 'c1': .*imaging\.nii\.gz: truncated or corrupt"):
         read_nifti_case("c1", image_path, label_path)
+
+
+# --- bytes, not voxels -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "slope", "inter"),
+    [(np.int16, 1.0, 0.0), (np.int16, 2.0, -10.0), (np.uint8, 0.5, 0.0), (np.float32, 1.0, 0.0)],
+)
+def test_byte_limit_is_the_returned_arrays_size(tmp_path, dtype, slope, inter):
+    # Scaled files come back as nibabel's float: the limit counts those bytes, not the disk's.
+    img = nib.Nifti1Image(np.ones((4, 5, 6), dtype), RAS, dtype=dtype)
+    img.header.set_slope_inter(slope, inter)
+    nib.save(img, tmp_path / "vol.nii.gz")
+    expected = np.asanyarray(nib.load(tmp_path / "vol.nii.gz").dataobj)
+    array, _, _ = read_nifti(tmp_path / "vol.nii.gz", max_bytes=expected.nbytes)
+    assert array.dtype == expected.dtype
+    with pytest.raises(
+        MedsegIOError,
+        match=rf"vol\.nii\.gz: header claims shape \(4, 5, 6\) of {expected.dtype} = "
+        rf"{expected.nbytes} bytes .*more than max_bytes={expected.nbytes - 1} ",
+    ):
+        read_nifti(tmp_path / "vol.nii.gz", max_bytes=expected.nbytes - 1)
+
+
+def test_byte_limit_from_environment(tmp_path, monkeypatch):
+    path = write_nifti(tmp_path / "vol.nii", _volume(), RAS)  # 120 voxels x 2 B
+    monkeypatch.setenv("MEDSEG_MAX_IMAGE_BYTES", "240")
+    assert read_nifti(path)[0].nbytes == 240
+    monkeypatch.setenv("MEDSEG_MAX_IMAGE_BYTES", "239")
+    with pytest.raises(MedsegIOError, match=r"max_bytes=239 .*MEDSEG_MAX_IMAGE_BYTES"):
+        read_nifti(path)
+    assert read_nifti(path, max_bytes=240)[0].nbytes == 240  # the argument wins
+    for text in ("lots", "0", "-5"):
+        monkeypatch.setenv("MEDSEG_MAX_IMAGE_BYTES", text)
+        with pytest.raises(ValueError, match=r"MEDSEG_MAX_IMAGE_BYTES=.*positive number"):
+            read_nifti(path)
+
+
+def test_multi_member_gzip_reads_in_full(tmp_path):
+    # bgzip and "cat a.gz b.gz" make several members; the trailer (ISIZE) then counts the
+    # last one only, and must not make a complete file look short.
+    array = np.arange(32 * 32 * 32, dtype=np.int16).reshape(32, 32, 32)
+    raw = write_nifti(tmp_path / "vol.nii", array, RAS).read_bytes()
+    path = tmp_path / "members.nii.gz"
+    path.write_bytes(b"".join(gzip.compress(raw[i : i + 10000]) for i in range(0, len(raw), 10000)))
+    assert int.from_bytes(path.read_bytes()[-4:], "little") < len(raw)
+    read, affine, _ = read_nifti(path)
+    np.testing.assert_array_equal(read, array)
+    np.testing.assert_allclose(affine, RAS, atol=1e-5)
+
+
+def test_complete_file_with_trailing_bytes_still_reads(tmp_path):
+    path = write_nifti(tmp_path / "vol.nii", _volume(), RAS)
+    path.write_bytes(path.read_bytes() + b"\x00" * 16)  # some writers pad the file
+    np.testing.assert_array_equal(read_nifti(path)[0], _volume())
+
+
+def test_out_of_memory_is_a_clear_error(tmp_path):
+    # A file under the byte limit that this process cannot hold: limit the child's address
+    # space to what it uses after a warm-up read plus 8 MiB, and read 16 MiB.
+    big = write_nifti(tmp_path / "big.nii.gz", np.zeros((128, 128, 128)), RAS)
+    small = write_nifti(tmp_path / "small.nii.gz", _volume(), RAS)
+    code = (
+        "import resource, sys\n"
+        "from medseg.io import MedsegIOError, read_nifti\n"
+        "read_nifti(sys.argv[2])\n"
+        "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status')"
+        " if l.startswith('VmSize'))\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + 8 * 2**20, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    read_nifti(sys.argv[1])\n"
+        "except MedsegIOError as err:\n"
+        "    print(err)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(big), str(small)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{big}: out of memory reading shape (128, 128, 128) of float64" in result.stdout
+
+
+def test_case_passes_limits_to_both_files(tmp_path):
+    thick = kits19_affine((40.0, 0.8, 0.8))
+    image = np.ones((4, 5, 6), np.uint8)  # 120 bytes; the uint16 label is 240
+    image_path, label_path = _case(tmp_path, image=image, image_affine=thick, label_affine=thick)
+    with pytest.raises(MedsegIOError, match=r"case 'c1': .*imaging\.nii\.gz: implausible"):
+        read_nifti_case("c1", image_path, label_path)
+    record = read_nifti_case("c1", image_path, label_path, spacing_range_mm=(0.1, 50.0))
+    np.testing.assert_allclose(record.spacing, (40.0, 0.8, 0.8), atol=1e-5)
+    with pytest.raises(MedsegIOError, match=r"segmentation\.nii\.gz: header claims .*uint16"):
+        read_nifti_case("c1", image_path, label_path, spacing_range_mm=(0.1, 50.0), max_bytes=200)

@@ -310,26 +310,6 @@ def _dicom_loaders(root: Path, label_template: str, num_classes: int):
 
 
 def _read_dicom(case, folder, label, num_classes):
-    from medseg.io import MedsegIOError, read_dicom_series, read_nifti
-
-    record = dataclasses.replace(read_dicom_series(str(folder)), case_id=case)
-    if label is not None:
-        array = np.asarray(read_nifti(str(label))[0])
-        if array.shape != record.image.shape[:3]:
-            raise MedsegIOError(
-                f"{label}: label shape {array.shape} != DICOM series {folder} shape "
-                f"{record.image.shape[:3]}"
-            )
-        if not np.issubdtype(array.dtype, np.integer):
-            rounded = np.rint(array)
-            if not np.array_equal(rounded, array):
-                raise MedsegIOError(f"{label}: label values are not integers")
-            array = rounded
-        if array.size and (array.min() < 0 or array.max() >= num_classes):
-            raise MedsegIOError(
-                f"{label}: label values {array.min()}..{array.max()} outside 0..{num_classes - 1}"
-            )
-        record = dataclasses.replace(
-            record, label=array.astype(np.uint8), source=f"{folder}, {label}"
-        )
-    return record
+    """A series and its label through ``read_case``, as the CSV layout reads them: the
+    label must match the series' shape and affine and hold class indices."""
+    return _read_any(case, folder, label, num_classes)

@@ -19,6 +19,7 @@ from medseg_datasets.nifti_folder import nifti_folder_dataset_builder as module
 
 from medseg.datasets import read_fingerprint
 from medseg.datasets.fingerprint import FingerprintAccumulator
+from medseg.io import MedsegIOError, read_dicom_series
 
 DUMMY = Path(__file__).parent / "dummy_data"
 CT5N = Path(pydicom.__file__).parent / "data/test_files/dicomdirtests/98892001/CT5N"
@@ -197,7 +198,9 @@ def test_dicom_series_layout_with_nifti_label(tmp_path):
     label = (reference > np.median(reference)).astype(np.uint8)
     # labels outside root: every subfolder of root is taken for a series
     (tmp_path / "labels").mkdir()
-    nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / "labels" / "ct5n.nii.gz")
+    # on the series' grid: the builder compares the label's affine with the series'
+    affine = read_dicom_series(root / "ct5n").affine
+    nib.save(nib.Nifti1Image(label, affine), tmp_path / "labels" / "ct5n.nii.gz")
 
     builder = build(
         tmp_path / "tfds",
@@ -213,6 +216,42 @@ def test_dicom_series_layout_with_nifti_label(tmp_path):
     row, col = (float(v) for v in first.PixelSpacing)
     np.testing.assert_allclose(example["spacing"][1:], [row, col], rtol=1e-6)
     assert read_fingerprint(builder)["class_case_counts"] == [1, 1]
+
+
+def test_dicom_series_layout_checks_label_grid_like_csv(tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(CT5N, root / "ct5n")
+    (tmp_path / "labels").mkdir()
+    label_path = tmp_path / "labels" / "ct5n.nii.gz"
+    fields = dict(
+        name="x",
+        root=str(root),
+        dicom_series=True,
+        label_template="../labels/{case}.nii.gz",
+        class_names=("background", "bright"),
+    )
+    series = read_dicom_series(root / "ct5n")
+    shifted = series.affine.copy()
+    shifted[:3, 3] += (0.0, 0.0, 5.0)  # same grid shape, 5 mm off along z
+    nib.save(nib.Nifti1Image(np.zeros(series.image.shape, np.uint8), shifted), label_path)
+    (load,) = module._loaders(NiftiFolderConfig(**fields))
+    with pytest.raises(MedsegIOError) as err:
+        load()
+    message = str(err.value)
+    assert "labels/ct5n.nii.gz: label affine differs" in message
+    assert str(root / "ct5n") in message and "max difference 5 mm" in message
+
+    # the CSV layout gives the same message for the same files
+    (root / "cases.csv").write_text("case_id,image,label\nct5n,ct5n,../labels/ct5n.nii.gz\n")
+    (csv_load,) = module._loaders(NiftiFolderConfig(**{**fields, "csv": "cases.csv"}))
+    with pytest.raises(MedsegIOError) as csv_err:
+        csv_load()
+    assert str(csv_err.value) == message
+
+    wrong_shape = np.zeros(series.image.shape[::-1], np.uint8)
+    nib.save(nib.Nifti1Image(wrong_shape, series.affine), label_path)
+    with pytest.raises(MedsegIOError, match=r"ct5n\.nii\.gz: label shape \(16, 16, 5\)"):
+        load()
 
 
 def test_dummy_data_builds(tmp_path):

@@ -90,7 +90,10 @@ def _dicom_label(
         raise MedsegIOError(f"{where}: labels of a DICOM series must be .nii or .nii.gz")
     if not label_path.exists():
         raise MedsegIOError(f"{where}: label file does not exist")
-    raw, affine, _ = read_nifti(label_path)
+    try:
+        raw, affine, _ = read_nifti(label_path)
+    except MedsegIOError as err:  # file errors name only the path: add the case
+        raise MedsegIOError(f"case {case_id!r}: {err}") from err
     if raw.ndim == 4 and raw.shape[3] == 1:
         raw = raw[..., 0]
     if raw.shape != record.image.shape[:3]:

@@ -8,6 +8,7 @@ the file and the problem.
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import zlib
@@ -19,6 +20,8 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from medseg.io.atomic import write_atomically
+from medseg.io.errors import MedsegIOError
+from medseg.io.geometry import check_geometry, spacing_from_affine
 from medseg.io.record import CaseRecord
 
 __all__ = [
@@ -44,9 +47,16 @@ _CORRUPT_ERRORS = (
 # Image and label grids may disagree by float32 rounding of the stored affines.
 AFFINE_ATOL_MM = 1e-3
 
-
-class MedsegIOError(ValueError):
-    """A file could not be read or written; the message names the file and the problem."""
+# Largest array a read may return (after scaling), in bytes. 4 GiB holds the biggest
+# clinical volumes (a 1500 x 512 x 512 whole-body CT is 1.5 GiB as float32, 3 GiB as
+# float64) while a corrupt header cannot make a read take the machine's memory.
+MAX_IMAGE_BYTES = 4 * 2**30
+# Overrides MAX_IMAGE_BYTES where no max_bytes= is passed (e.g. inside dataset builders).
+MAX_IMAGE_BYTES_ENV = "MEDSEG_MAX_IMAGE_BYTES"
+# Deflate cannot compress better than ~1032:1 (one 258-byte match per ~2 bits), so a gzip
+# file of n bytes never holds more than this many times n: a bound that holds whatever
+# the number of gzip members.
+_DEFLATE_MAX_RATIO = 1032
 
 
 def nifti_suffix(path: str | os.PathLike) -> str | None:
@@ -65,6 +75,115 @@ def _require_file(path: Path, what: str = "file") -> None:
         raise MedsegIOError(f"{path}: not a regular file")
 
 
+def max_image_bytes(max_bytes: int | None = None) -> int:
+    """The byte limit of one image read.
+
+    Parameters
+    ----------
+    max_bytes : int, optional
+        Explicit limit; else the ``MEDSEG_MAX_IMAGE_BYTES`` environment variable, else
+        :data:`MAX_IMAGE_BYTES`.
+
+    Returns
+    -------
+    int
+        A positive number of bytes.
+    """
+    source = "max_bytes"
+    if max_bytes is None:
+        text = os.environ.get(MAX_IMAGE_BYTES_ENV, "").strip()
+        if not text:
+            return MAX_IMAGE_BYTES
+        source = f"environment variable {MAX_IMAGE_BYTES_ENV}={text!r}"
+        try:
+            max_bytes = int(float(text))  # "8e9" as well as "8000000000"
+        except (ValueError, OverflowError):
+            max_bytes = 0
+    if int(max_bytes) <= 0:
+        raise ValueError(f"{source}: expected a positive number of bytes, e.g. {MAX_IMAGE_BYTES}")
+    return int(max_bytes)
+
+
+def _limit_hint(limit: int) -> str:
+    return (
+        f"max_bytes={limit} ({limit / 2**30:.3g} GiB); pass max_bytes= or set "
+        f"{MAX_IMAGE_BYTES_ENV} to a larger byte count if the volume is really this big"
+    )
+
+
+def _scaled_dtype(proxy) -> np.dtype:
+    """The dtype ``np.asanyarray(proxy)`` will have, found without reading the data.
+
+    Mirrors nibabel's ``ArrayProxy._get_scaled`` on a one-voxel array: the result dtype
+    depends on the on-disk dtype and the scale factors' types only, not on the values.
+    """
+    from nibabel.volumeutils import apply_read_scaling
+
+    slope, inter = np.asanyarray(proxy.slope), np.asanyarray(proxy.inter)
+    if np.can_cast(inter, slope.dtype):
+        inter = inter.astype(slope.dtype)
+    if np.can_cast(slope, slope.dtype):
+        slope = slope.astype(slope.dtype)
+    return apply_read_scaling(np.zeros(1, dtype=proxy.dtype), slope, inter).dtype
+
+
+def _gzip_data_bytes(path: Path, need: int) -> tuple[int, str]:
+    """Count the decompressed bytes of ``path`` up to ``need``, in bounded memory.
+
+    Returns the count and, if the stream ended badly, the error that ended it.
+    """
+    total = 0
+    try:
+        with gzip.open(path, "rb") as stream:  # reads every member, like nibabel does
+            while total < need:
+                chunk = stream.read(min(2**20, need - total))
+                if not chunk:
+                    break
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error) as err:
+        return total, f"{type(err).__name__}: {err}"
+    return total, ""
+
+
+def _check_data_size(path: Path, need: int, what: str) -> None:
+    """Refuse a file too short for the data its header declares, without reading it.
+
+    ``need`` is the header's data offset plus the on-disk data bytes.
+    """
+    size = path.stat().st_size
+    if nifti_suffix(path) == ".nii":
+        if size < need:
+            raise MedsegIOError(
+                f"{path}: truncated or corrupt (file has {size} bytes, its header needs "
+                f"{need}: {what}); copy or export the file again"
+            )
+        return
+    if need > _DEFLATE_MAX_RATIO * size:
+        raise MedsegIOError(
+            f"{path}: truncated or corrupt ({size} compressed bytes cannot hold the {need} "
+            f"bytes its header needs: {what}; gzip compresses at most "
+            f"{_DEFLATE_MAX_RATIO}:1); copy or export the file again"
+        )
+    if need >= 2**32:
+        return  # ISIZE is the size mod 2**32: any value is consistent with a long file
+    with path.open("rb") as handle:
+        handle.seek(-4, os.SEEK_END)
+        isize = int.from_bytes(handle.read(4), "little")  # gzip trailer: RFC 1952
+    if isize >= need:
+        # Enough, or a misleading trailer (corrupt tail, several members): nibabel's own
+        # read then fails cleanly, and the allocation is already bounded by max_bytes.
+        return
+    # ISIZE counts only the last member, so a short one is not proof (multi-member gzip
+    # from bgzip or cat): count the stream to be sure. Valid files rarely get here.
+    got, error = _gzip_data_bytes(path, need)
+    if got < need:
+        ended = f"; {error}" if error else ""
+        raise MedsegIOError(
+            f"{path}: truncated or corrupt (decompresses to {got} bytes, its header needs "
+            f"{need}: {what}{ended}); copy or export the file again"
+        )
+
+
 def _load_header_only(path: Path) -> nib.Nifti1Image:
     """``nib.load`` that turns every parsing failure into a MedsegIOError (data not read)."""
     _require_file(path)
@@ -81,7 +200,11 @@ def _load_header_only(path: Path) -> nib.Nifti1Image:
 
 
 def read_nifti(
-    path: str | os.PathLike, *, max_voxels: int = 2**31
+    path: str | os.PathLike,
+    *,
+    max_voxels: int = 2**31,
+    max_bytes: int | None = None,
+    spacing_range_mm: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
     """Read a NIfTI volume in the file's voxel order.
 
@@ -92,6 +215,13 @@ def read_nifti(
     max_voxels : int, optional
         Refuse files whose header claims more voxels than this (checked before any data is
         read, so a corrupt header cannot trigger a huge allocation).
+    max_bytes : int, optional
+        Refuse files whose data would take more bytes than this once read (voxels times
+        the item size of the returned dtype, i.e. after ``scl_slope``/``scl_inter``).
+        Default: ``MEDSEG_MAX_IMAGE_BYTES`` if set, else :data:`MAX_IMAGE_BYTES` (4 GiB).
+    spacing_range_mm : tuple of float, optional
+        Allowed ``(low, high)`` voxel spacing; default ``MEDSEG_SPACING_RANGE_MM`` if
+        set, else :data:`medseg.io.geometry.SPACING_RANGE_MM` (0.01 .. 20 mm).
 
     Returns
     -------
@@ -108,8 +238,11 @@ def read_nifti(
     Raises
     ------
     MedsegIOError
-        Missing, truncated or corrupt file, too many voxels, or an unsupported shape.
+        Missing, truncated or corrupt file, too many voxels or bytes, a file shorter than
+        its header declares, implausible spacing or a singular affine, an unsupported
+        shape, or too little memory. All but the last are found from the header alone.
     """
+
     path = Path(path)
     img = _load_header_only(path)
     shape = tuple(int(n) for n in img.header.get_data_shape())
@@ -126,18 +259,45 @@ def read_nifti(
         shape = (*shape[:3], shape[-1])
     if len(shape) > 4:
         raise MedsegIOError(f"{path}: unsupported {len(shape)}D shape {shape}")
+    proxy = img.dataobj
     try:
-        array = np.asanyarray(img.dataobj)
+        out_dtype = _scaled_dtype(proxy)
+    except (TypeError, ValueError) as err:  # e.g. an on-disk dtype nibabel cannot scale
+        raise MedsegIOError(f"{path}: truncated or corrupt ({type(err).__name__}: {err})") from err
+    n_bytes = n_voxels * out_dtype.itemsize
+    limit = max_image_bytes(max_bytes)
+    if n_bytes > limit:
+        raise MedsegIOError(
+            f"{path}: header claims shape {shape} of {out_dtype} = {n_bytes} bytes "
+            f"({n_bytes / 2**30:.3g} GiB), more than {_limit_hint(limit)}; refusing to load"
+        )
+    raw_dtype = np.dtype(proxy.dtype)
+    offset = int(proxy.offset)
+    _check_data_size(
+        path,
+        offset + n_voxels * raw_dtype.itemsize,
+        f"offset {offset} + {n_voxels} voxels x {raw_dtype.itemsize} B ({raw_dtype})",
+    )
+    affine = np.asarray(img.affine, dtype=np.float64)
+    check_geometry(affine, where=str(path), spacing_range_mm=spacing_range_mm)
+    try:
+        array = np.asanyarray(proxy)
+        array = np.asarray(array).reshape(shape)
+        if not array.dtype.isnative:
+            # Big-endian files: TensorFlow and most numeric code expect native byte order.
+            array = array.astype(array.dtype.newbyteorder("="))
+    except MemoryError:
+        # Under the byte limit but more than this process can get: the same clear error.
+        raise MedsegIOError(
+            f"{path}: out of memory reading shape {shape} of {out_dtype} "
+            f"({n_bytes / 2**30:.3g} GiB); free memory, or crop or resample the volume"
+        ) from None
     except _CORRUPT_ERRORS as err:
         raise MedsegIOError(f"{path}: truncated or corrupt ({type(err).__name__}: {err})") from err
-    array = np.asarray(array).reshape(shape)
     if len(shape) < 3:
         # A 2D NIfTI is one slice; give it the third axis its affine already has.
         array = array.reshape(shape + (1,) * (3 - len(shape)))
-    if not array.dtype.isnative:
-        # Big-endian files: TensorFlow and most numeric code expect native byte order.
-        array = array.astype(array.dtype.newbyteorder("="))
-    return array, np.asarray(img.affine, dtype=np.float64), img.header
+    return array, affine, img.header
 
 
 def _header_for(array: np.ndarray, affine: np.ndarray, header) -> nib.Nifti1Header:
@@ -298,10 +458,10 @@ def check_finite(image: np.ndarray, *, where: str) -> None:
         raise MedsegIOError(f"{where}: image has {n_bad} NaN or inf intensities")
 
 
-def _read_for_case(case_id: str, path: Path, max_voxels: int):
+def _read_for_case(case_id: str, path: Path, max_voxels: int, **limits):
     """:func:`read_nifti`, with the case named in any error (file errors name only paths)."""
     try:
-        return read_nifti(path, max_voxels=max_voxels)
+        return read_nifti(path, max_voxels=max_voxels, **limits)
     except MedsegIOError as err:
         raise MedsegIOError(f"case {case_id!r}: {err}") from err
 
@@ -313,6 +473,8 @@ def read_nifti_case(
     *,
     num_classes: int | None = None,
     max_voxels: int = 2**31,
+    max_bytes: int | None = None,
+    spacing_range_mm: tuple[float, float] | None = None,
 ) -> CaseRecord:
     """Read a NIfTI image (and label) into a validated :class:`CaseRecord`.
 
@@ -326,7 +488,7 @@ def read_nifti_case(
         Label volume on the same grid (a missing file is an error, not "unlabelled").
     num_classes : int, optional
         Label values must lie in ``0 .. num_classes - 1``.
-    max_voxels : int, optional
+    max_voxels, max_bytes, spacing_range_mm : optional
         Passed to :func:`read_nifti` for each file.
 
     Returns
@@ -340,10 +502,10 @@ def read_nifti_case(
         Naming the case and file for: unreadable files, image/label shape or affine
         mismatch, NaN/inf intensities, non-integer or out-of-range labels.
     """
-    from medseg.io.geometry import spacing_from_affine
 
+    limits = {"max_bytes": max_bytes, "spacing_range_mm": spacing_range_mm}
     image_path = Path(image_path)
-    image, affine, _ = _read_for_case(case_id, image_path, max_voxels)
+    image, affine, _ = _read_for_case(case_id, image_path, max_voxels, **limits)
     check_finite(image, where=f"case {case_id!r}: {image_path}")
     label = None
     sources = [str(image_path)]
@@ -352,7 +514,7 @@ def read_nifti_case(
         where = f"case {case_id!r}: {label_path}"
         if not label_path.exists():
             raise MedsegIOError(f"{where}: label file does not exist")
-        raw_label, label_affine, _ = _read_for_case(case_id, label_path, max_voxels)
+        raw_label, label_affine, _ = _read_for_case(case_id, label_path, max_voxels, **limits)
         if raw_label.ndim == 4 and raw_label.shape[3] == 1:
             raw_label = raw_label[..., 0]
         if raw_label.shape != image.shape[:3]:
