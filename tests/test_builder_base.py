@@ -329,3 +329,56 @@ def test_fingerprint_sees_the_spacing_as_stored(built):
         acc.add(ex["image"], ex["label"], ex["spacing"])
     assert acc.result() == stored
     assert built.info.metadata["fingerprint_hash"] == base.fingerprint_hash(stored)
+
+
+# --- empty splits --------------------------------------------------------------------
+
+
+class ToySplits(ToyCases, skip_registration=True):
+    """ToyCases with a ``test`` split (unfingerprinted) beside ``train``."""
+
+    def __init__(self, *, test_loaders, **kwargs):
+        self._test_loaders = test_loaders
+        super().__init__(**kwargs)
+
+    def _split_generators(self, dl_manager):
+        return {
+            "train": self._generate_cases(self._loaders),
+            "test": self._generate_cases(self._test_loaders, fingerprint=False),
+        }
+
+
+def test_generate_cases_knows_its_case_count_before_loading_any():
+    calls = []
+    cases = ToyCases(loaders=[], data_dir="/nonexistent")._generate_cases(
+        [lambda case=case: calls.append(case.case_id) or case for case in CASES[:3]]
+    )
+    assert len(cases) == 3 and calls == []
+    assert [key for key, _ in cases] == [0, 1, 2]
+    assert calls == CASE_IDS[:3]
+
+
+def test_split_without_cases_is_left_out_and_the_rest_reads_back(tmp_path):
+    builder = ToySplits(loaders=loaders_of(CASES), test_loaders=[], data_dir=str(tmp_path))
+    builder.download_and_prepare()
+    restored = tfds.builder_from_directory(builder.data_dir)
+    assert list(restored.info.splits) == ["train"]
+    assert restored.info.splits["train"].num_examples == len(CASES)
+    ds = restored.as_dataset(split="train", shuffle_files=False)
+    check_cases({**ex, "case_id": ex["case_id"].decode()} for ex in tfds.as_numpy(ds))
+    assert restored.info.metadata["fingerprint"]["num_cases"] == len(CASES)
+
+
+def test_training_split_without_cases_is_refused_before_anything_is_written(tmp_path):
+    read = []
+
+    def test_case():
+        read.append("t")
+        return CASES[0]
+
+    builder = ToySplits(loaders=[], test_loaders=[test_case], data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"toy_splits/1\.0\.0: split 'train' has no cases"):
+        builder.download_and_prepare()
+    assert read == []  # the test split was not even read
+    assert not builder.is_prepared()
+    assert not list(Path(tmp_path).rglob("*.tfrecord*"))

@@ -94,7 +94,11 @@ class Builder(CaseBuilder):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        """``train``: labelled cases 00000-00209; ``test``: unlabelled cases 00210-00299."""
+        """``train``: labelled cases 00000-00209; ``test``: unlabelled cases 00210-00299.
+
+        A folder without the test cases (only the labelled ones downloaded) builds the
+        ``train`` split alone: :class:`CaseBuilder` leaves a split without cases out.
+        """
         train, test = find_cases(Path(dl_manager.manual_dir), self.builder_config.exclude)
         return {
             "train": self._generate_cases(train, fingerprint=True, image_dtype=np.int16),
@@ -123,8 +127,9 @@ def find_cases(root: Path, exclude=()) -> tuple[list, list]:
     Raises
     ------
     MedsegIOError
-        If ``root`` holds no case folders, a case folder has no imaging, or a case of the
-        labelled range (< 210) has no segmentation; the message names the folder.
+        If ``root`` holds no case folders, a case folder has no imaging, a case of the
+        labelled range (< 210) has no segmentation, or no labelled case is left to train
+        on; the message names the folder.
     """
     if not root.is_dir():
         raise MedsegIOError(f"{root}: KiTS19 manual_dir does not exist")
@@ -153,6 +158,14 @@ def find_cases(root: Path, exclude=()) -> tuple[list, list]:
         (train if labelled_range else test).append(load)
     if problems:
         raise MedsegIOError("KiTS19 cases missing files:\n  " + "\n  ".join(problems))
+    if not train:
+        # checked here, before the test split is written, not after it
+        raise MedsegIOError(
+            f"{root}: no labelled KiTS19 case (case_00000..case_{NUM_LABELLED - 1:05d} with "
+            f"{LABEL_FILE}) to build the train split from; found {len(test)} test case(s)"
+            + (f" and excluded {len(exclude)}" if exclude else "")
+            + "; manual_dir must be the kits19 repository's data/ folder"
+        )
     unknown = sorted(exclude - {p.name for p in cases})
     if unknown:
         # a typo in `exclude` would otherwise silently keep the case it meant to drop

@@ -273,6 +273,43 @@ def test_test_case_with_a_segmentation_keeps_it(tmp_path):
     assert read_fingerprint(builder)["num_cases"] == 3  # the test split stays out
 
 
+def test_folder_without_test_cases_builds_the_train_split_alone(tmp_path):
+    # only the labelled cases downloaded (no case_00210+): the test split is left out
+    data = make_kits19_tree(tmp_path / "data", cases=DUMMY_CASES[:3])
+    build(tmp_path / "tfds", manual_dir=data)
+    reloaded = kits19_dataset_builder.Builder(data_dir=str(tmp_path / "tfds"))
+    assert reloaded.is_prepared()
+    assert list(reloaded.info.splits) == ["train"]
+    assert reloaded.info.splits["train"].num_examples == 3
+    records = read_split(reloaded, "train")
+    assert sorted(records) == ["case_00000", "case_00001", "case_00015"]
+    image = nib.load(data / "case_00001" / "imaging.nii.gz")
+    np.testing.assert_array_equal(records["case_00001"]["image"], np.asarray(image.dataobj))
+    assert read_fingerprint(reloaded)["num_cases"] == 3
+    assert not list(Path(reloaded.data_dir).glob("*-test.tfrecord*"))
+    with pytest.raises(ValueError, match="test"):
+        reloaded.as_dataset(split="test")
+
+
+def test_medseg_build_of_a_folder_without_test_cases_lists_the_train_split(tmp_path, capsys):
+    from medseg.cli import main
+
+    data = make_kits19_tree(tmp_path / "data", cases=DUMMY_CASES[:3])
+    argv = ["build", "kits19", "--data-dir", str(tmp_path / "tfds"), "--manual-dir", str(data)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "cases: 3" in out and out.rstrip().endswith("splits: train 3")
+
+
+def test_folder_with_only_test_cases_is_refused_before_writing(tmp_path):
+    data = make_kits19_tree(tmp_path / "data", cases=DUMMY_CASES[3:])
+    with pytest.raises(MedsegIOError, match=r"data: no labelled KiTS19 case .*1 test case"):
+        build(tmp_path / "tfds", manual_dir=data)
+    builder = kits19_dataset_builder.Builder(data_dir=str(tmp_path / "tfds"))
+    assert not builder.is_prepared()
+    assert not list((tmp_path / "tfds").rglob("*.tfrecord*"))
+
+
 def test_known_dataset_and_configs():
     builder = get_builder("kits19")
     assert builder.builder_config.name == "default"

@@ -162,7 +162,11 @@ class Builder(CaseBuilder):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        """``train`` from dataset.json's ``training`` list, ``test`` (unlabelled) from ``test``."""
+        """``train`` from dataset.json's ``training`` list, ``test`` (unlabelled) from ``test``.
+
+        An empty or absent ``test`` list builds the ``train`` split alone
+        (:class:`CaseBuilder` leaves a split without cases out).
+        """
         config = self.builder_config
         task_dir = find_task_dir(Path(dl_manager.manual_dir), config.name)
         train, test = find_cases(task_dir, config)
@@ -283,7 +287,7 @@ def find_cases(task_dir: Path, config: MsdConfig) -> tuple[list, list]:
     ------
     MedsegIOError
         On a dataset.json that does not match the config, lists a path outside the task
-        folder or a file that does not exist, or repeats a case.
+        folder or a file that does not exist, repeats a case, or lists no training case.
     """
     path = task_dir / DATASET_JSON
     meta = read_dataset_json(task_dir)
@@ -321,6 +325,12 @@ def find_cases(task_dir: Path, config: MsdConfig) -> tuple[list, list]:
         splits.append(loaders)
     if missing:
         raise MedsegIOError(f"{path}: listed files do not exist:\n  " + "\n  ".join(missing))
+    if not splits[0]:
+        # checked before anything is written: the train split is what a task is built for
+        raise MedsegIOError(
+            f"{path}: 'training' lists no case (of visible files); a task needs labelled "
+            "training cases: check that this is the task's dataset.json"
+        )
     log.info("msd %s: %d training and %d test cases", config.name, *map(len, splits))
     return splits[0], splits[1]
 

@@ -284,6 +284,37 @@ def test_missing_task_lists_what_manual_dir_holds(tmp_path):
         build(tmp_path / "tfds", manual_dir=data, config="Task09_Spleen")
 
 
+@pytest.mark.parametrize("edit", ["empty", "absent"])
+def test_task_without_test_cases_builds_the_train_split_alone(tmp_path, edit):
+    data = make_msd_tree(tmp_path / "msd", tasks=["Task04_Hippocampus"], macos_junk=False)
+    task = data / "Task04_Hippocampus"
+    if edit == "empty":
+        edit_dataset_json(task, lambda m: m.update(test=[], numTest=0))
+    else:
+        edit_dataset_json(task, lambda m: m.pop("test"))
+    build(tmp_path / "tfds", manual_dir=data)
+    reloaded = msd_dataset_builder.Builder(
+        config="Task04_Hippocampus", data_dir=str(tmp_path / "tfds")
+    )
+    assert reloaded.is_prepared()
+    assert list(reloaded.info.splits) == ["train"]
+    records = read_split(reloaded, "train")
+    assert sorted(records) == ["hippocampus_001", "hippocampus_002", "hippocampus_003"]
+    image = nib.load(task / "imagesTr" / "hippocampus_002.nii.gz")
+    np.testing.assert_array_equal(
+        records["hippocampus_002"]["image"], np.asarray(image.dataobj, np.float32)
+    )
+    assert read_fingerprint(reloaded)["num_cases"] == 3
+
+
+def test_task_without_training_cases_is_refused_before_writing(tmp_path):
+    data = make_msd_tree(tmp_path / "msd", tasks=["Task04_Hippocampus"], macos_junk=False)
+    edit_dataset_json(data / "Task04_Hippocampus", lambda m: m.update(training=[]))
+    with pytest.raises(MedsegIOError, match=r"dataset\.json: 'training' lists no case"):
+        build(tmp_path / "tfds", manual_dir=data)
+    assert not list((tmp_path / "tfds").rglob("*.tfrecord*"))
+
+
 def test_configs_hold_every_task():
     configs = msd_dataset_builder.Builder.builder_configs
     assert sorted(configs) == [

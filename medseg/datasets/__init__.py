@@ -6,15 +6,27 @@ The builders themselves live in the ``medseg_datasets`` package (the repository'
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import socket
+import sys
+from pathlib import Path
 
 import tensorflow_datasets as tfds
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds are not serialised
+    fcntl = None
 
 from medseg.datasets.fingerprint import Fingerprint, FingerprintAccumulator, fingerprint_hash
 
 __all__ = [
     "KNOWN_DATASETS",
     "FingerprintAccumulator",
+    "build_lock",
+    "build_lock_path",
     "Fingerprint",
     "fingerprint_hash",
     "get_builder",
@@ -86,13 +98,22 @@ def prepare(
     apache-beam). ``manual_dir`` is where a manually downloaded dataset (``kits19``,
     ``msd``) lies.
 
+    Concurrent calls for one unbuilt dataset (``medseg tune --workers N``, two
+    ``medseg build``) build it once: the build holds :func:`build_lock`, the others wait
+    for it (printing one line) and then read what it built.
+
     Returns
     -------
     tfds.core.DatasetBuilder
         A builder whose dataset is ready for ``as_dataset`` and :func:`read_fingerprint`.
     """
     builder = get_builder(name, config=config, data_dir=data_dir)
-    if not builder.is_prepared():
+    if builder.is_prepared():
+        return builder
+    with build_lock(builder):
+        if builder.is_prepared():
+            # built by the process we waited for; a fresh builder reads its dataset info
+            return get_builder(name, config=config, data_dir=data_dir)
         download_config = None
         if manual_dir is not None:
             download_config = tfds.download.DownloadConfig(manual_dir=str(manual_dir))
@@ -107,6 +128,55 @@ def prepare(
                 f"(give its folder with --manual-dir / manual_dir=). {err}"
             ) from None
     return builder
+
+
+def build_lock_path(builder: tfds.core.DatasetBuilder) -> Path:
+    """The lock file of a builder's dataset: ``<data dir>/<name>/<config>/<version>.lock``.
+
+    It lies beside the version folder TFDS builds, outside it (TFDS builds in a
+    temporary folder and renames it into place), and stays after the build: removing
+    it could let a waiting process lock a file a newcomer no longer sees.
+    """
+    data_path = Path(os.fspath(builder.data_path))
+    return data_path.with_name(f"{data_path.name}.lock")
+
+
+@contextlib.contextmanager
+def build_lock(builder: tfds.core.DatasetBuilder):
+    """Hold the exclusive lock of a builder's dataset (:func:`build_lock_path`).
+
+    A process holding it is building that dataset; another waits, printing one line
+    to stderr, until it is released. The lock is an ``fcntl.flock``: the kernel releases
+    it when its process dies, so a killed build never blocks the next. Without
+    ``fcntl`` (not POSIX), or for a data dir that is not a local path (``gs://``),
+    nothing is locked.
+    """
+    if fcntl is None or "://" in os.fspath(builder.data_path):
+        yield
+        return
+    path = build_lock_path(builder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # "a+": opening never truncates what the holder wrote
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            print(
+                f"medseg: waiting for {holder} building {builder.info.full_name} (lock {path})",
+                file=sys.stderr,
+                flush=True,
+            )
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            # who holds it, for the waiting line of the next process
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_fingerprint(builder: tfds.core.DatasetBuilder) -> Fingerprint:

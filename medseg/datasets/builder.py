@@ -1,9 +1,10 @@
 """The base of medseg's TFDS builders: one example per case, fingerprinted while written.
 
-A builder subclasses :class:`CaseBuilder`, declares its classes, and yields from
-:meth:`CaseBuilder._generate_cases` with an iterable of zero-argument callables that each
-load one :class:`~medseg.io.CaseRecord`. Loading lazily, one case at a time, keeps a
-build's memory at the size of the largest case, not of the dataset.
+A builder subclasses :class:`CaseBuilder`, declares its classes, and returns, per split,
+:meth:`CaseBuilder._generate_cases` of a list of zero-argument callables that each load
+one :class:`~medseg.io.CaseRecord`. Loading lazily, one case at a time, keeps a build's
+memory at the size of the largest case, not of the dataset. A split without cases is
+left out of the dataset (decided before anything is written).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 # An unlabelled case (a test split) stores an empty label of this shape.
 NO_LABEL_SHAPE = (0, 0, 0)
+
 
 def case_features(image_dtype=np.int16, channels: int | None = None) -> tfds.features.FeaturesDict:
     """The features every medseg dataset has.
@@ -50,12 +52,43 @@ def case_features(image_dtype=np.int16, channels: int | None = None) -> tfds.fea
     )
 
 
+class CaseExamples:
+    """The ``(key, example)`` pairs of one split: an iterator that knows its case count.
+
+    :meth:`CaseBuilder._generate_cases` returns one, so that a split without cases is
+    known (``len() == 0``) before any case is read or written.
+
+    Attributes
+    ----------
+    num_cases : int
+        Cases the split will yield.
+    fingerprint : bool
+        Whether the split's labelled cases make up the dataset fingerprint.
+    """
+
+    def __init__(self, num_cases: int, fingerprint: bool, examples: Iterator):
+        self.num_cases = num_cases
+        self.fingerprint = fingerprint
+        self._examples = examples
+
+    def __len__(self) -> int:
+        return self.num_cases
+
+    def __iter__(self) -> CaseExamples:
+        return self
+
+    def __next__(self):
+        return next(self._examples)
+
+
 class CaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """A GeneratorBasedBuilder that writes cases and stores their fingerprint.
 
     Subclasses implement ``_info`` (through ``self.dataset_info_from_configs``),
     ``_split_generators`` returning ``self._generate_cases(...)`` per split, and
-    :meth:`class_names` / :attr:`REGIONS`.
+    :meth:`class_names` / :attr:`REGIONS`. A split with no cases (e.g. KiTS19 without
+    its test cases) is left out of the dataset; a fingerprinted (training) split with
+    none is refused before anything is written.
     """
 
     # composite regions scored beside the classes, e.g. {"kidney_and_tumour": [1, 2]}
@@ -74,8 +107,8 @@ class CaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         loaders: Iterable[Callable[[], Any]],
         fingerprint: bool = True,
         image_dtype=None,
-    ):
-        """Yield ``(key, example)`` for every loader, fingerprinting labelled cases.
+    ) -> CaseExamples:
+        """``(key, example)`` for every loader, fingerprinting labelled cases.
 
         Parameters
         ----------
@@ -88,6 +121,12 @@ class CaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         image_dtype : numpy dtype, optional
             The image feature's dtype; images are cast to it after a range check.
 
+        Returns
+        -------
+        CaseExamples
+            An iterator of the pairs whose ``len()`` is the number of loaders; no case is
+            loaded before the first pair is asked for.
+
         Notes
         -----
         The next case loads in a background thread while this one is written (at most
@@ -97,11 +136,17 @@ class CaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         are freed even though TFDS's loop still references it: consume it before
         advancing.
         """
+        loaders = list(loaders)
+        return CaseExamples(
+            len(loaders), fingerprint, self._iter_cases(loaders, fingerprint, image_dtype)
+        )
+
+    def _iter_cases(self, loaders: list[Callable[[], Any]], fingerprint: bool, image_dtype):
+        """The generator behind :meth:`_generate_cases`."""
         names = self.class_names()
         acc = FingerprintAccumulator(names, seed=0) if fingerprint else None
         if fingerprint:
             self._fingerprint_acc = acc
-        loaders = list(loaders)
         seen: dict[str, int] = {}
         start = time.perf_counter()
         # no enumerate(): its cached result tuple would keep the previous case alive
@@ -168,18 +213,53 @@ class CaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return self._generate_cases(*args, **kwargs)
 
     def _generate_splits(self, dl_manager, download_config):
+        generators = self._nonempty_splits(dl_manager)
+        if self.info.file_format != tfds.core.FileFormat.TFRECORD:
+            # TFDS's writer asks _split_generators itself: answer with the kept splits
+            with tfds.core.utils.temporary_assignment(
+                self, "_split_generators", lambda dl_manager: generators
+            ):
+                return super()._generate_splits(dl_manager, download_config)
         # each case goes straight into its shard (medseg.datasets.records) instead of
         # through TFDS's shuffler, which buffers whole volumes and writes them twice
-        if self.info.file_format != tfds.core.FileFormat.TFRECORD:
-            return super()._generate_splits(dl_manager, download_config)
         infos = []
-        for split, generator in self._split_generators(dl_manager).items():
+        for split, generator in generators.items():
             examples = (example for _, example in generator)
             if download_config.max_examples_per_split is not None:
                 examples = itertools.islice(examples, download_config.max_examples_per_split)
             template = self._get_filename_template(split_name=split)
             infos.append(write_split(examples, self.info.features, template, split))
         return infos
+
+    def _nonempty_splits(self, dl_manager) -> dict:
+        """The subclass's split generators without the splits that have no cases.
+
+        TFDS fails a split that yields nothing, and only once the splits before it are
+        written (hours, for KiTS19); the case counts are known beforehand, so an empty
+        split is left out here, or refused when it is the one fingerprinted.
+
+        Raises
+        ------
+        ValueError
+            If the fingerprinted (training) split, or every split, has no cases.
+        """
+        generators = dict(self._split_generators(dl_manager))
+        empty = [
+            split
+            for split, generator in generators.items()
+            if isinstance(generator, CaseExamples) and not len(generator)
+        ]
+        where = self.info.full_name
+        for split in empty:
+            if generators[split].fingerprint or len(empty) == len(generators):
+                raise ValueError(
+                    f"{where}: split {split!r} has no cases, so there is nothing to build; "
+                    "check the source data (manual_dir, or the config's folder and patterns)"
+                )
+        for split in empty:
+            log.info("%s: split %r has no cases; it is left out of the dataset", where, split)
+            del generators[split]
+        return generators
 
     def _download_and_prepare(self, dl_manager, download_config):
         super()._download_and_prepare(dl_manager, download_config)
