@@ -74,7 +74,9 @@ def test_nifti_file_is_predicted_with_the_source_affine(saved, tmp_path):
     )
     np.testing.assert_allclose(probs, expected_probs, atol=1e-5)
     np.testing.assert_array_equal(labels, expected)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["case_a_prob.nii.gz", "case_a_seg.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "case_a_prob.nii.gz", "case_a_provenance.json", "case_a_seg.nii.gz"
+    ]
 
 
 def test_mirroring_and_overlap_reach_the_prediction(saved, tmp_path):
@@ -116,7 +118,7 @@ def test_folder_of_nifti_files_and_resuming(saved, tmp_path, capsys):
     args = ("--model", root / "model.keras", "--plan", root / "plan.json", root / "cases",
             "--output", tmp_path)
     assert run(*args) == 0
-    outputs = sorted(tmp_path.iterdir())
+    outputs = sorted(tmp_path.glob("*.nii.gz"))
     assert [p.name for p in outputs] == ["case_a_seg.nii.gz", "case_b_seg.nii.gz"]
     stamps = [p.stat().st_mtime_ns for p in outputs]
     os.utime(outputs[0], ns=(1, 1))
@@ -368,3 +370,176 @@ def test_an_ensemble_file_gives_its_models_and_postprocessing(saved, mlflow_stor
     assert "bad.json: 'models' must list at least one model" in err
     err = _error(capsys, root / "cases", "--output", tmp_path)
     assert "give --model (repeatable) or --ensemble" in err
+
+
+# -- real folders: hidden files, own outputs, reruns, failures ------------------------------
+
+
+def _cases_copy(root: Path, folder: Path, *names: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / f"{name}.nii.gz").write_bytes((root / "cases" / f"{name}.nii.gz").read_bytes())
+    return folder
+
+
+def test_hidden_files_and_own_outputs_are_not_cases(saved, tmp_path, capsys):
+    root, model, plan, images = saved
+    inputs = _cases_copy(root, tmp_path / "in", "case_a")
+    # what an MSD archive unpacked on macOS, Finder and an interrupted write leave behind
+    (inputs / "._case_a.nii.gz").write_bytes(b"\x00\x05\x16\x07AppleDouble garbage")
+    (inputs / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (inputs / ".case_a_seg.nii.gz.k2x9q1.nii.gz").write_bytes(b"half a gzip")
+    args = ("--model", root / "model.keras", "--plan", root / "plan.json")
+    assert run(*args, inputs, "--output", tmp_path / "out") == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "case_a_provenance.json", "case_a_seg.nii.gz"
+    ]
+    expected, _ = predict_case(
+        model, images["case_a"], SPACING, plan.preprocess, plan.patch_size, 3, stride=2
+    )
+    seg = np.asarray(nib.load(tmp_path / "out" / "case_a_seg.nii.gz").dataobj)
+    np.testing.assert_array_equal(seg, expected)
+    capsys.readouterr()
+    # a folder of outputs given as input (alone, or as files): nothing to predict in it
+    assert run(*args, tmp_path / "out", "--output", tmp_path / "again") == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 output(s) of medseg predict" in out and "wrote 0 file(s)" in out
+    assert run(*args, tmp_path / "out" / "case_a_seg.nii.gz", "--output", tmp_path / "again") == 0
+    assert "skipped, an output of medseg predict" in capsys.readouterr().out
+    assert not (tmp_path / "again").exists() or not any((tmp_path / "again").iterdir())
+    # a user's own image that merely ends in _seg (no record beside it) is a case
+    (inputs / "liver_seg.nii.gz").write_bytes((root / "cases" / "case_b.nii.gz").read_bytes())
+    assert run(*args, inputs, "--output", tmp_path / "out") == 0
+    assert (tmp_path / "out" / "liver_seg_seg.nii.gz").is_file()
+
+
+def test_output_folder_equal_to_an_input_folder_is_refused(saved, tmp_path, capsys):
+    root, *_ = saved
+    inputs = _cases_copy(root, tmp_path / "in", "case_a")
+    before = sorted(p.name for p in inputs.iterdir())
+    args = ("--model", root / "model.keras", "--plan", root / "plan.json", inputs)
+    err = _error(capsys, *args, "--output", inputs)
+    assert f"output folder {inputs} (--output) is the input folder {inputs}" in err
+    assert "write them to another folder" in err
+    # the same folder by another spelling
+    err = _error(capsys, *args, "--output", tmp_path / "in" / ".." / "in")
+    assert "is the input folder" in err
+    assert sorted(p.name for p in inputs.iterdir()) == before
+    # a folder inside the input folder is fine: folders are not searched recursively
+    assert run(*args, "--output", inputs / "predicted") == 0
+    assert run(*args, "--output", inputs / "predicted") == 0
+    assert sorted(p.name for p in (inputs / "predicted").iterdir()) == [
+        "case_a_provenance.json", "case_a_seg.nii.gz"
+    ]
+
+
+def test_rerun_skips_same_model_and_replaces_another_models_outputs(saved, tmp_path, capsys):
+    import hashlib
+
+    root, model, plan, images = saved
+    keras.utils.set_random_seed(1)
+    other = build_unet(3, 1, depth=2, filters=4, normalization="instance")
+    other.save(tmp_path / "other.keras")
+    source = root / "cases" / "case_b.nii.gz"
+    out = tmp_path / "out"
+    seg, record_path = out / "case_b_seg.nii.gz", out / "case_b_provenance.json"
+
+    def predict(model_file, *options):
+        capsys.readouterr()
+        assert run("--model", model_file, "--plan", root / "plan.json", source, "--output", out,
+                   *options) == 0
+        return capsys.readouterr().out, json.loads(record_path.read_text())
+
+    _, record = predict(root / "model.keras")
+    digest = hashlib.sha256((root / "model.keras").read_bytes()).hexdigest()
+    assert record["key"]["models"][0]["model"] == str((root / "model.keras").resolve())
+    assert record["key"]["models"][0]["sha256"] == digest
+    assert record["key"]["options"]["overlap"] == 0.5
+    assert record["key"]["plan_sha256"] and record["outputs"] == ["case_b_seg.nii.gz"]
+    os.utime(seg, ns=(1, 1))
+    log, _ = predict(root / "model.keras")
+    assert "same model and options: skipped" in log and seg.stat().st_mtime_ns == 1
+    # another option: predicted again, and the log says what changed
+    log, record = predict(root / "model.keras", "--overlap", "0.25")
+    assert "was made otherwise (overlap 0.5 -> 0.25)" in log and "replacing it" in log
+    assert seg.stat().st_mtime_ns > 1 and record["key"]["options"]["overlap"] == 0.25
+    # another model: predicted again with it, and the record names it
+    os.utime(seg, ns=(1, 1))
+    log, record = predict(tmp_path / "other.keras", "--overlap", "0.25")
+    before, after = (root / "model.keras").resolve(), (tmp_path / "other.keras").resolve()
+    assert f"model {before} -> {after}" in log
+    assert seg.stat().st_mtime_ns > 1
+    assert record["key"]["models"][0]["model"] == str((tmp_path / "other.keras").resolve())
+    assert record["key"]["models"][0]["sha256"] == hashlib.sha256(
+        (tmp_path / "other.keras").read_bytes()
+    ).hexdigest()
+    expected, _ = predict_case(other, images["case_b"], SPACING, plan.preprocess,
+                               plan.patch_size, 3, 0.25, stride=2)
+    np.testing.assert_array_equal(np.asarray(nib.load(seg).dataobj), expected)
+    # outputs without a record (an older medseg, or a run killed before the record) are redone
+    record_path.unlink()
+    os.utime(seg, ns=(1, 1))
+    log, _ = predict(tmp_path / "other.keras", "--overlap", "0.25")
+    assert "has no provenance record" in log and seg.stat().st_mtime_ns > 1
+
+
+def test_keep_going_predicts_the_others_and_fails_naming_the_broken_file(saved, tmp_path, capsys):
+    root, *_ = saved
+    inputs = _cases_copy(root, tmp_path / "in", "case_a", "case_b")
+    broken = inputs / "broken.nii.gz"
+    broken.write_bytes(b"\x1f\x8b not really gzip")
+    args = ("--model", root / "model.keras", "--plan", root / "plan.json", inputs)
+    # without --keep-going the first failure (broken sorts first) stops the run
+    err = _error(capsys, *args, "--output", tmp_path / "stop")
+    assert str(broken) in err and not list((tmp_path / "stop").glob("*.nii.gz"))
+    assert run(*args, "--output", tmp_path / "out", "--keep-going") == 2
+    captured = capsys.readouterr()
+    assert "1 of 3 case(s) failed (2 file(s) written" in captured.err
+    failed = [line for line in captured.err.splitlines() if line.startswith("  broken: ")]
+    assert len(failed) == 1 and "MedsegIOError" in failed[0] and str(broken) in failed[0]
+    assert "wrote 2 file(s)" in captured.out
+    assert sorted(p.name for p in (tmp_path / "out").glob("*_seg.nii.gz")) == [
+        "case_a_seg.nii.gz", "case_b_seg.nii.gz"
+    ]
+    assert not (tmp_path / "out" / "broken_provenance.json").exists()
+
+
+def test_absurd_resampling_is_refused_naming_the_file(saved, tmp_path, capsys):
+    """The grid a plan resamples a file to is checked before it is allocated. (Spacings
+    out of a sane range are refused earlier, when the file is read; these are not.)"""
+    root, _, plan, _ = saved
+    source = root / "cases" / "case_a.nii.gz"  # (10, 30, 28) at 2.5 x 0.8 x 0.8 mm
+
+    def plan_file(name, target):
+        path = tmp_path / name
+        dataclasses.replace(
+            plan, preprocess=dataclasses.replace(plan.preprocess, target_spacing=target)
+        ).save(path)
+        return path
+
+    fine = plan_file("fine.json", (0.1, 1.5, 1.5))
+    err = _error(capsys, "--model", root / "model.keras", "--plan", fine, source,
+                 "--output", tmp_path / "out", "--max-voxels", "10000")
+    # 10 * 2.5 / 0.1 = 250, 30 * 0.8 / 1.5 = 16, 28 * 0.8 / 1.5 = 14.9 -> 15
+    assert f"{source}: resampling from shape (10, 30, 28) at spacing (2.5, 0.8, 0.8) mm" in err
+    assert "to the target spacing (0.1, 1.5, 1.5) mm gives shape (250, 16, 15) = 60,000 " in err
+    assert "above the bound of 10,000 (max_voxels)" in err
+    coarse = plan_file("coarse.json", (100.0, 1.5, 1.5))  # 10 * 2.5 / 100 = 0.25 -> none
+    err = _error(capsys, "--model", root / "model.keras", "--plan", coarse, source,
+                 "--output", tmp_path / "out")
+    assert f"{source}: resampling from shape (10, 30, 28)" in err
+    assert "would collapse axis 0 (10 voxels) to less than one voxel (shape (0, 16, 15))" in err
+    err = _error(capsys, "--model", root / "model.keras", "--plan", fine, source,
+                 "--output", tmp_path / "out", "--max-voxels", "0")
+    assert "max_voxels=0 (--max-voxels) must be at least 1" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_overlap_from_095_is_refused_with_the_window_count(saved, tmp_path, capsys):
+    root, *_ = saved
+    err = _error(capsys, "--model", root / "model.keras", "--plan", root / "plan.json",
+                 root / "cases", "--output", tmp_path, "--overlap", "0.99")
+    # refused as the config key, before any model loads (the window count it would need is
+    # in the sliding window's own message: tests/test_sliding_window.py)
+    assert "config key 'inference.overlap': 0.99 is not in [0, 0.95)" in err
+    assert not any(tmp_path.iterdir())

@@ -114,3 +114,31 @@ def test_prediction_overlays_its_source_in_world_coordinates(
     # the check can fail: the prediction flipped along any axis no longer overlays
     for axis in range(3):
         assert not np.array_equal(np.flip(pred, axis), looked_up)
+
+
+def test_prediction_refuses_an_absurd_resampling_before_calling_the_model():
+    from medseg.inference import predict_case
+    from medseg.pipeline.geometry import prepare_case
+
+    image = np.zeros((6, 10, 10), np.int16)
+    plan = PreprocessPlan(target_spacing=(0.5, 1.0, 1.0), clip=None, mean=0.0, std=1.0)
+    calls = []
+
+    def model(batch):
+        calls.append(len(batch))
+        return identity_model(batch)
+
+    # 6 slices of 5 mm at 0.5 mm: (60, 10, 10) = 6000 voxels
+    prepared, _ = prepare_case(image, (5.0, 1.0, 1.0), plan, max_voxels=6000)
+    assert prepared.shape == (60, 10, 10, 1)
+    with pytest.raises(ValueError, match=r"^scan\.nii\.gz: resampling from shape \(6, 10, 10\) "
+                       r"at spacing \(5\.0, 1\.0, 1\.0\) mm to the target spacing \(0\.5, 1\.0, "
+                       r"1\.0\) mm gives shape \(60, 10, 10\) = 6,000 voxels, above the bound "
+                       r"of 5,999"):
+        predict_case(model, image, (5.0, 1.0, 1.0), plan, (8, 8, 8), 3, max_voxels=5999,
+                     name="scan.nii.gz")
+    with pytest.raises(ValueError, match=r"scan\.nii\.gz: .* would collapse axis 0 \(6 voxels\)"):
+        predict_case(model, image, (0.01, 1.0, 1.0), plan, (8, 8, 8), 3, name="scan.nii.gz")
+    with pytest.raises(ValueError, match=r"scan\.nii\.gz: spacing must be 3 numbers"):
+        predict_case(model, image, (1.0, 1.0), plan, (8, 8, 8), 3, name="scan.nii.gz")
+    assert calls == []

@@ -335,3 +335,60 @@ def test_preprocess_case_runs_in_tf_data_with_unknown_shapes():
     assert got[0].shape == (24, 14, 10, 1)
     np.testing.assert_allclose(got[0].numpy(), eager[0].numpy(), atol=1e-6)
     np.testing.assert_array_equal(got[1].numpy(), eager[1].numpy())
+
+
+# -- the resampled grid's bound -------------------------------------------------------------
+
+
+def test_resampling_check_refuses_absurd_grids_with_their_figures():
+    from medseg.pipeline.preprocess import MAX_RESAMPLED_VOXELS, check_resampling
+
+    # 40 mm (and 10 mm) voxels resampled to 0.25 mm: 640 x 2560 x 2560 voxels, 17 GB as
+    # float32 (no allocation here: only the check runs)
+    with pytest.raises(ValueError) as info:
+        check_resampling((4, 64, 64), (40.0, 10.0, 10.0), (0.25, 0.25, 0.25), case_id="ct_7")
+    voxels = 640 * 2560 * 2560
+    assert voxels > MAX_RESAMPLED_VOXELS
+    assert str(info.value) == (
+        "ct_7: resampling from shape (4, 64, 64) at spacing (40.0, 10.0, 10.0) mm to the "
+        f"target spacing (0.25, 0.25, 0.25) mm gives shape (640, 2560, 2560) = {voxels:,} "
+        f"voxels, above the bound of {MAX_RESAMPLED_VOXELS:,} (max_voxels); check the "
+        "file's voxel spacing (a spacing in cm instead of mm?) or, for a truly larger scan, "
+        "raise max_voxels"
+    )
+    # the bound is inclusive: 4**3 voxels pass a bound of 64, not one of 63
+    assert check_resampling((4, 4, 4), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), max_voxels=64) is None
+    with pytest.raises(ValueError, match=r"= 64 voxels, above the bound of 63"):
+        check_resampling((4, 4, 4), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), max_voxels=63)
+    # an axis of 30 voxels of 0.01 mm at 1 mm: 0.3 voxel, which the shape rule clamps to 1
+    np.testing.assert_array_equal(resampled_shape([30, 8, 8], [0.01, 1, 1], (1, 1, 1)), [1, 8, 8])
+    with pytest.raises(ValueError, match=r"would collapse axis 0 \(30 voxels\) to less than one "
+                       r"voxel \(shape \(0, 8, 8\)\)"):
+        check_resampling((30, 8, 8), (0.01, 1.0, 1.0), (1.0, 1.0, 1.0))
+    # a single slice stays a single slice: nothing collapses
+    assert check_resampling((1, 8, 8), (1.0, 1.0, 1.0), (5.0, 1.0, 1.0)) is None
+    for spacing in [(0.0, 1.0, 1.0), (-1.0, 1.0, 1.0), (np.nan, 1.0, 1.0), (np.inf, 1.0, 1.0)]:
+        with pytest.raises(ValueError, match="the spacing must be positive and finite"):
+            check_resampling((4, 4, 4), spacing, (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="max_voxels=0 must be at least 1"):
+        check_resampling((4, 4, 4), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), max_voxels=0)
+
+
+def test_preprocess_case_refuses_a_large_resampling_eagerly_and_in_tf_data():
+    image = np.ones((5, 8, 8), np.float32)
+    label = np.zeros((5, 8, 8), np.int32)
+    plan = PreprocessPlan(target_spacing=(1.0, 1.0, 1.0), clip=None, mean=None, std=None)
+    spacing = np.array([4.0, 1.0, 1.0])  # -> (20, 8, 8) = 1280 voxels
+    assert preprocess_case(image, label, spacing, plan, max_voxels=1280)[0].shape == (20, 8, 8, 1)
+    with pytest.raises(ValueError, match=r"^case_3: resampling from shape \(5, 8, 8\) .* gives "
+                       r"shape \(20, 8, 8\) = 1,280 voxels, above the bound of 1,000"):
+        preprocess_case(image, label, spacing, plan, max_voxels=1000, case_id="case_3")
+    # in a tf.data pipeline (training), the same figures when the graph runs
+    ds = tf.data.Dataset.from_tensors((image, label, spacing, "case_3"))
+    ds = ds.map(lambda im, lab, sp, cid: preprocess_case(im, lab, sp, plan, max_voxels=1000,
+                                                          case_id=cid))
+    with pytest.raises(tf.errors.InvalidArgumentError) as info:
+        next(iter(ds))
+    message = info.value.message
+    for fragment in ["[case_3]", "[5 8 8]", "[4 1 1]", "[20 8 8]", "[1280]", "at most 1000 voxels"]:
+        assert fragment in message

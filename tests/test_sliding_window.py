@@ -480,3 +480,69 @@ def test_sliding_window_from_a_plan_is_configured_once_and_called_per_image():
     )
     with pytest.raises(ValueError, match=r"overlap must be in \[0, 1\)"):
         SlidingWindow((4, 4), overlap=1.0)
+
+
+# -- window positions, generated lazily -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "patch", "overlap"),
+    [((10, 11), (4, 4), 0.5), ((9, 7, 12), (4, 3, 5), 0.25), ((8, 8, 8), (8, 8, 8), 0.9)],
+)
+def test_window_positions_are_the_product_of_the_axis_starts_in_order(shape, patch, overlap):
+    from medseg.inference.sliding_window import window_count, window_positions
+
+    positions = window_positions(shape, patch, overlap)
+    assert iter(positions) is positions  # an iterator, not a list
+    expected = [
+        tuple(slice(o, o + p) for o, p in zip(origin, patch, strict=True))
+        for origin in itertools.product(
+            *(window_starts(s, p, overlap) for s, p in zip(shape, patch, strict=True))
+        )
+    ]
+    assert list(positions) == expected
+    assert window_count(shape, patch, overlap) == len(expected)
+
+
+def test_window_positions_hold_no_list_of_windows():
+    import tracemalloc
+
+    from medseg.inference.sliding_window import window_count, window_positions
+
+    # a million windows: listed, about 200 MB of tuples and slices
+    shape, patch = (100, 100, 100), (1, 1, 1)
+    assert window_count(shape, patch, 0.0) == 10**6
+    tracemalloc.start()
+    try:
+        positions = window_positions(shape, patch, 0.0)
+        first = [next(positions) for _ in range(3)]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert first[2] == (slice(0, 1), slice(0, 1), slice(2, 3))
+    assert peak < 1_000_000
+
+
+def test_overlap_from_095_is_refused_with_the_windows_it_would_need():
+    # patch (8, 16, 16): at 0.99 a step of 1 per axis, 8 * 16 * 16 = 2048 windows over each
+    # voxel, against 2 * 2 * 2 = 8 at 0.5; at 0.95 steps of 1, 1 and 1 (16 * 0.05 = 0.8)
+    with pytest.raises(ValueError, match=r"overlap 0\.99 .* must be below 0\.95: with patch "
+                       r"\(8, 16, 16\) every voxel would be predicted in about 2,048 windows "
+                       r"\(256 times as many as at overlap 0\.5"):
+        SlidingWindow((8, 16, 16), overlap=0.99)
+    with pytest.raises(ValueError, match="must be below 0.95"):
+        SlidingWindow((8, 16, 16), overlap=0.95)
+    # 0.9 still predicts, with the same result as listing every window
+    image = coordinate_image((9, 10, 11), np.random.default_rng(3))
+    predict_fn = make_predict_fn(3, image.shape[-1])
+    window = SlidingWindow((8, 8, 8), overlap=0.9, batch_size=5, weighting="mean")
+    merged = window(image, predict_fn, NUM_CLASSES).numpy()
+    # 2 * 3 * 4 windows (step 1 at 0.9), in whole batches of 5 and the rest
+    assert predict_fn.calls == [5, 5, 5, 5, 4]
+    num = np.zeros((*image.shape[:-1], NUM_CLASSES))
+    den = np.zeros(image.shape[:-1])
+    for origin in itertools.product(*(window_starts(s, 8, 0.9) for s in image.shape[:-1])):
+        box = tuple(slice(o, o + 8) for o in origin)
+        num[box] += predict_fn(image[box][None])[0]
+        den[box] += 1
+    np.testing.assert_allclose(merged, num / den[..., None], rtol=1e-5)

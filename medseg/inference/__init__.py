@@ -2,11 +2,15 @@
 
 from medseg.inference.ensemble import Ensemble
 from medseg.inference.files import (
+    PredictionFailed,
     find_inputs,
     is_model_uri,
     load_model_file,
+    model_source,
     output_paths,
     predict_files,
+    provenance_key,
+    sidecar_path,
 )
 from medseg.inference.plan import PredictionPlan
 from medseg.inference.predictor import predict_case
@@ -19,12 +23,15 @@ from medseg.inference.sliding_window import (
     predict_batch,
     predict_sliding_window,
     sliding_window_tensor,
+    window_count,
+    window_positions,
     window_starts,
 )
 from medseg.pipeline.geometry import resample_chunks, to_source_grid
 
 __all__ = [
     "Ensemble",
+    "PredictionFailed",
     "PredictionPlan",
     "SlidingWindow",
     "WeightedMerger",
@@ -34,13 +41,18 @@ __all__ = [
     "is_model_uri",
     "load_model_file",
     "mirror_flips",
+    "model_source",
     "output_paths",
     "predict_batch",
     "predict_case",
     "predict_files",
     "predict_sliding_window",
+    "provenance_key",
     "resample_chunks",
+    "sidecar_path",
     "sliding_window_tensor",
     "to_source_grid",
+    "window_count",
+    "window_positions",
     "window_starts",
 ]

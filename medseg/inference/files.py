@@ -3,16 +3,25 @@
 Each case is read with :func:`medseg.io.read_case` (no label needed), predicted whole and
 written beside the others as ``<case>_seg.nii.gz`` (uint8 labels) and, when asked,
 ``<case>_prob.nii.gz`` (float32 softmax, classes on the 4th axis), with the source's
-affine, and for NIfTI sources its header. Files are written atomically, so an interrupted
-run leaves no partial file and a rerun continues with the cases not yet written.
+affine, and for NIfTI sources its header. Beside them ``<case>_provenance.json`` records
+what made them (:func:`provenance_key`: the models, the plan, the options that change the
+result, the source file). Every file is written atomically and the record last, so an
+interrupted run leaves no partial file and no record of an unfinished case; a rerun skips
+the cases whose record matches and predicts the others again (another model or options:
+the outputs are replaced, and the log says so).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import re
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -23,9 +32,41 @@ from medseg.inference.postprocess import apply_postprocessing
 from medseg.inference.predictor import predict_case
 from medseg.inference.sliding_window import SlidingWindow
 from medseg.io import MedsegIOError, read_case, write_like, write_nifti
+from medseg.io.jsonfile import write_json
 from medseg.io.nifti import nifti_suffix
+from medseg.pipeline.preprocess import MAX_RESAMPLED_VOXELS
 
-__all__ = ["find_inputs", "is_model_uri", "load_model_file", "output_paths", "predict_files"]
+__all__ = [
+    "PredictionFailed",
+    "find_inputs",
+    "is_model_uri",
+    "load_model_file",
+    "model_source",
+    "output_paths",
+    "predict_files",
+    "provenance_key",
+    "sidecar_path",
+]
+
+# what predict_files writes per case: <case><suffix>
+_OUTPUT_SUFFIXES = ("_seg.nii.gz", "_prob.nii.gz")
+_SIDECAR_SUFFIX = "_provenance.json"
+
+
+class PredictionFailed(ValueError):
+    """Some cases of a ``keep_going`` run failed; the message lists each with its error.
+
+    Attributes
+    ----------
+    failures : list of (case_id, path, message)
+    written : list of Path
+        The files the other cases wrote.
+    """
+
+    def __init__(self, message: str, failures: list[tuple[str, Path, str]], written: list[Path]):
+        super().__init__(message)
+        self.failures = failures
+        self.written = written
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 
@@ -55,12 +96,14 @@ def load_model_file(path: str | os.PathLike) -> keras.Model:
     import medseg.models  # noqa: F401  registers medseg's custom objects with Keras
 
     try:
-        return keras.saving.load_model(path, compile=False)
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as err:  # Keras raises many types for a broken archive
         raise ValueError(f"model file {path} cannot be loaded: {type(err).__name__}: {err}") from err
 
 
-def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, Path]]:
+def find_inputs(
+    inputs: Sequence[str | os.PathLike], log: Callable[[str], None] | None = None
+) -> list[tuple[str, Path]]:
     """The cases to predict, as ``(case_id, path)``.
 
     Parameters
@@ -68,6 +111,13 @@ def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, Path]]:
     inputs : sequence of path
         NIfTI files (case id: the name without ``.nii``/``.nii.gz``), folders of NIfTI
         files (each file a case) and DICOM series folders (case id: the folder name).
+        In a folder, hidden files are skipped (macOS ``._*`` resource forks that MSD
+        archives carry, ``.DS_Store``, the temporary files of an interrupted write), and
+        so are the outputs of :func:`predict_files` (a ``<case>_seg.nii.gz`` or
+        ``<case>_prob.nii.gz`` beside its ``<case>_provenance.json``), also when given as
+        files.
+    log : callable, optional
+        Receives one line per output skipped.
 
     Raises
     ------
@@ -81,8 +131,16 @@ def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, Path]]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and nifti_suffix(p))
-            if files:
+            files = sorted(
+                p
+                for p in path.iterdir()
+                if not p.name.startswith(".") and p.is_file() and nifti_suffix(p)
+            )
+            outputs = [p for p in files if _is_output(p)]
+            if outputs and log:
+                log(f"{path}: skipped {len(outputs)} output(s) of medseg predict")
+            files = [p for p in files if p not in outputs]
+            if files or outputs:  # a folder of NIfTI files, maybe none left to predict
                 cases += [(_case_id(p), p) for p in files]
             else:  # a DICOM series; read_case says so if it holds no DICOM files
                 cases.append((path.name, path))
@@ -92,6 +150,10 @@ def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, Path]]:
                     f"input {path}: expected a .nii or .nii.gz file, a folder of them or a "
                     "DICOM series folder"
                 )
+            if _is_output(path):
+                if log:
+                    log(f"{path}: skipped, an output of medseg predict")
+                continue
             cases.append((_case_id(path), path))
         else:
             raise FileNotFoundError(f"input {path} does not exist")
@@ -110,10 +172,185 @@ def _case_id(path: Path) -> str:
     return path.name[: -len(nifti_suffix(path))]
 
 
+def _is_output(path: Path) -> bool:
+    # a name alone is no proof (a user's image may end in _seg): the record beside it is
+    for suffix in _OUTPUT_SUFFIXES:
+        if path.name.endswith(suffix):
+            case_id = path.name[: -len(suffix)]
+            return sidecar_path(path.parent, case_id).is_file()
+    return False
+
+
 def output_paths(output_dir: str | os.PathLike, case_id: str) -> tuple[Path, Path]:
     """``<output_dir>/<case_id>_seg.nii.gz`` and ``<output_dir>/<case_id>_prob.nii.gz``."""
     output_dir = Path(output_dir)
-    return output_dir / f"{case_id}_seg.nii.gz", output_dir / f"{case_id}_prob.nii.gz"
+    return tuple(output_dir / f"{case_id}{suffix}" for suffix in _OUTPUT_SUFFIXES)
+
+
+def sidecar_path(output_dir: str | os.PathLike, case_id: str) -> Path:
+    """``<output_dir>/<case_id>_provenance.json``: what made the case's outputs."""
+    return Path(output_dir) / f"{case_id}{_SIDECAR_SUFFIX}"
+
+
+# -- provenance --------------------------------------------------------------------------
+
+
+def _sha256_file(path: Path, digest=None):
+    digest = digest or hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
+def model_source(
+    model: str | os.PathLike, run_id_of: Callable[[str], str | None] | None = None
+) -> dict[str, Any]:
+    """How ``medseg predict`` names a model in the provenance record.
+
+    Parameters
+    ----------
+    model : str or path
+        A ``.keras`` file (recorded with its SHA-256), an MLflow model folder (the
+        SHA-256 of its files), or a model URI (``runs:/<run id>/...``: that run id;
+        ``models:/...``: the id of the run that logged it, when ``run_id_of`` tells it).
+    run_id_of : callable, optional
+        ``uri -> run id or None`` for ``models:/`` URIs (the CLI passes
+        :func:`medseg.tracking.model.source_run_id` with its tracking URI: inference sits
+        below tracking and does not import it).
+
+    Returns
+    -------
+    dict
+        ``{"model": ..., "sha256": ...}`` or ``{"model": ..., "run_id": ...}``. URIs are
+        recorded without passwords.
+    """
+    from medseg.config import redact
+
+    text = str(model)
+    path = Path(text)
+    if path.is_file():
+        return {"model": str(path.resolve()), "sha256": _sha256_file(path).hexdigest()}
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+            _sha256_file(file, digest)
+        return {"model": str(path.resolve()), "sha256": digest.hexdigest()}
+    source: dict[str, Any] = {"model": redact(text)}
+    if text.startswith("runs:/"):
+        source["run_id"] = text[len("runs:/") :].split("/", 1)[0]
+    elif run_id_of is not None:
+        try:
+            run_id = run_id_of(text)
+        except ValueError:  # MLflow does not say: the weights' hash still identifies it
+            run_id = None
+        if run_id:
+            source["run_id"] = run_id
+    return source
+
+
+def _model_identity(model: Callable) -> dict[str, Any]:
+    # the weights' hash identifies a Keras model however it was loaded; a plain callable
+    # can only be named (its results are not content-checked)
+    if isinstance(model, keras.Model):
+        digest = hashlib.sha256()
+        for weight in model.weights:
+            value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+            digest.update(f"{weight.path}:{value.dtype}:{value.shape}".encode())
+            digest.update(value.tobytes())
+        return {"weights_sha256": digest.hexdigest()}
+    name = getattr(model, "__qualname__", type(model).__qualname__)
+    return {"callable": f"{getattr(model, '__module__', '?')}.{name}"}
+
+
+def provenance_key(
+    models: Sequence[Callable],
+    plan: PredictionPlan,
+    window: SlidingWindow,
+    sources: Sequence[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """What decides a prediction's result, as a JSON-ready dict compared on reruns.
+
+    Parameters
+    ----------
+    models : sequence of callable
+        The model, or an ensemble's models; each recorded by its weights' SHA-256 (a
+        Keras model) or its name (another callable).
+    plan : PredictionPlan
+        Recorded as the SHA-256 of its JSON without the postprocessing, which is
+        recorded as itself.
+    window : SlidingWindow
+        Its overlap, weighting, mirrored axes and pad value.
+    sources : sequence of dict, optional
+        One per model (:func:`model_source`), merged into its entry.
+
+    Returns
+    -------
+    dict
+        ``models`` (a list: several form an ensemble), ``plan_sha256``, ``options``.
+    """
+    sources = list(sources or [{} for _ in models])
+    if len(sources) != len(models):
+        raise ValueError(f"{len(sources)} model source(s) for {len(models)} model(s)")
+    bare = dataclasses.replace(plan, postprocessing=None).to_dict()
+    plan_hash = hashlib.sha256(json.dumps(bare, sort_keys=True).encode()).hexdigest()
+    key = {
+        "models": [{**src, **_model_identity(m)} for m, src in zip(models, sources, strict=True)],
+        "plan_sha256": plan_hash,
+        "options": {
+            "overlap": float(window.overlap),
+            "weighting": window.weighting,
+            "mirror_axes": list(window.mirror_axes),
+            "pad_value": window.pad_value,
+            "postprocessing": plan.postprocessing,
+        },
+    }
+    return json.loads(json.dumps(key))  # as it reads back from the file: tuples are lists
+
+
+def _source_identity(path: Path) -> dict[str, Any]:
+    # size and modification time: a re-exported source is predicted again, without
+    # hashing every input on every rerun
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    stats = [p.stat() for p in files]
+    return {
+        "source": str(path.resolve()),
+        "source_bytes": sum(s.st_size for s in stats),
+        "source_mtime_ns": max((s.st_mtime_ns for s in stats), default=0),
+    }
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing or unreadable: as if there were none
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What changed between two provenance keys, in words."""
+    changes = []
+    if old.get("models") != new.get("models"):
+        def names(key):
+            return ", ".join(
+                str(m.get("model") or m.get("callable") or "?") for m in key.get("models") or []
+            )
+
+        before, after = names(old), names(new)
+        changes.append(f"model {before} -> {after}" if before != after else "model weights")
+    if old.get("plan_sha256") != new.get("plan_sha256"):
+        changes.append("plan")
+    old_options, new_options = old.get("options") or {}, new.get("options") or {}
+    for name, value in new_options.items():
+        if old_options.get(name) != value:
+            changes.append(f"{name} {old_options.get(name)!r} -> {value!r}")
+    for name in ("source", "source_bytes", "source_mtime_ns"):
+        if old.get(name) != new.get(name):
+            changes.append("source file")
+            break
+    return changes or ["record"]
 
 
 def predict_files(
@@ -126,6 +363,9 @@ def predict_files(
     probabilities: bool = False,
     overwrite: bool = False,
     log: Callable[[str], None] | None = print,
+    keep_going: bool = False,
+    sources: Sequence[dict[str, Any]] | None = None,
+    max_voxels: int = MAX_RESAMPLED_VOXELS,
 ) -> list[Path]:
     """Predict every case of ``inputs`` and write its label map (and probabilities).
 
@@ -139,68 +379,158 @@ def predict_files(
     inputs : sequence of path
         See :func:`find_inputs`.
     output_dir : path
-        Created if missing.
+        Created if missing. Not an input folder: its outputs would be read back as cases.
     window : SlidingWindow, optional
         The inferer, configured once (:meth:`SlidingWindow.from_plan`); default the plan's
         window with the default ``inference.*`` settings.
     probabilities : bool, optional
         Also write ``<case>_prob.nii.gz``.
     overwrite : bool, optional
-        Predict cases whose outputs exist already (by default they are skipped, so an
-        interrupted run resumes).
+        Predict every case again. By default a case is skipped when its outputs exist and
+        its ``<case>_provenance.json`` records the same :func:`provenance_key` and source
+        (an interrupted run resumes); outputs made otherwise (another model, plan,
+        options or source, or without a record) are predicted again and replaced.
     log : callable, optional
         Receives one line per case.
+    keep_going : bool, optional
+        A case that fails does not stop the others; :class:`PredictionFailed` is raised at
+        the end, listing every failed case.
+    sources : sequence of dict, optional
+        Where each model comes from (:func:`model_source`), for the provenance record.
+    max_voxels : int, optional
+        The largest preprocessed grid accepted per case
+        (:func:`~medseg.pipeline.preprocess.check_resampling`).
 
     Returns
     -------
     list of Path
-        The files written.
+        The NIfTI files written (each case also writes its provenance record).
 
     Raises
     ------
+    ValueError
+        ``output_dir`` is an input folder (before anything is read).
     MedsegIOError
         Naming the file that cannot be read or does not fit the model.
+    PredictionFailed
+        With ``keep_going``, after the other cases, when any failed.
     """
-    cases = find_inputs(inputs)
+    if int(max_voxels) < 1:
+        raise ValueError(f"max_voxels={max_voxels} (--max-voxels) must be at least 1")
+    output_dir = Path(output_dir)
+    _check_output_dir(output_dir, inputs)
+    cases = find_inputs(inputs, log)
     window = window or SlidingWindow.from_plan(plan, InferenceConfig())
     models = list(model) if isinstance(model, list | tuple) else [model]
+    common = provenance_key(models, plan, window, sources)
     written: list[Path] = []
+    failures: list[tuple[str, Path, str]] = []
     for case_id, path in cases:
-        seg_path, prob_path = output_paths(output_dir, case_id)
-        if not overwrite and seg_path.exists() and (prob_path.exists() or not probabilities):
-            if log:
-                log(f"{case_id}: {seg_path} exists, skipped")
-            continue
-        record = read_case(case_id, path)
-        _check_channels(models, record.image, path, plan.slab)
-        labels, probs = predict_case(
-            models,
-            record.image,
-            record.spacing,
-            plan.preprocess,
-            plan.patch_size,
-            len(plan.class_names),
-            probabilities=probabilities,
-            slab=plan.slab,
-            window=window,
-        )
-        labels = apply_postprocessing(labels, plan.postprocessing, record.spacing)
-        outputs = [(seg_path, labels)]
-        if probabilities:
-            outputs.append((prob_path, probs))
-        for out_path, array in outputs:
-            if path.is_dir():  # DICOM: the affine read from the series, a fresh header
-                write_nifti(out_path, array, record.affine)
-            else:
-                write_like(out_path, array, path)
-            written.append(out_path)
-        if log:
-            found = ", ".join(
-                f"{name} {int(np.count_nonzero(labels == c))}"
-                for c, name in enumerate(plan.class_names)
-                if c > 0
+        try:
+            written += _predict_one(
+                models, plan, window, case_id, path, output_dir, common,
+                probabilities=probabilities, overwrite=overwrite, log=log,
+                max_voxels=max_voxels,
             )
-            log(f"{case_id}: {seg_path} ({found} voxels)")
+        except Exception as err:
+            if not keep_going:
+                raise
+            message = str(err) if str(path) in str(err) else f"{path}: {err}"
+            failures.append((case_id, path, f"{type(err).__name__}: {message}"))
+            if log:
+                log(f"{case_id}: failed, {type(err).__name__}: {message}")
+    if failures:
+        lines = "\n".join(f"  {case_id}: {message}" for case_id, _, message in failures)
+        raise PredictionFailed(
+            f"{len(failures)} of {len(cases)} case(s) failed ({len(written)} file(s) written "
+            f"to {output_dir} for the others):\n{lines}",
+            failures,
+            written,
+        )
+    return written
+
+
+def _check_output_dir(output_dir: Path, inputs: Sequence[str | os.PathLike]) -> None:
+    # refused rather than filtered: outputs of an older medseg (no record beside them)
+    # could not be told from cases, and every later run of the folder would meet them
+    for item in inputs:
+        folder = Path(item)
+        if folder.is_dir() and output_dir.exists() and os.path.samefile(folder, output_dir):
+            raise ValueError(
+                f"output folder {output_dir} (--output) is the input folder {folder}: its "
+                "predictions would be read back as cases by the next run; write them to "
+                f"another folder, e.g. --output {folder.parent / (folder.name + '_predicted')}"
+            )
+
+
+def _predict_one(
+    models, plan, window, case_id, path, output_dir, common, *, probabilities, overwrite,
+    log, max_voxels,
+) -> list[Path]:
+    """Predict one case unless its outputs are up to date; the files written."""
+    seg_path, prob_path = output_paths(output_dir, case_id)
+    record_path = sidecar_path(output_dir, case_id)
+    key = {**common, **_source_identity(path)}
+    if not overwrite and seg_path.exists() and (prob_path.exists() or not probabilities):
+        recorded = _read_record(record_path)
+        if recorded is not None and recorded.get("key") == key:
+            if log:
+                log(f"{case_id}: {seg_path} exists, same model and options: skipped")
+            return []
+        if log:
+            if recorded is None:
+                why = "has no provenance record"
+            else:
+                changes = _differences(recorded.get("key") or {}, key)
+                why = f"was made otherwise ({'; '.join(changes)})"
+            log(f"{case_id}: {seg_path} {why}: predicting it again, replacing it")
+    record = read_case(case_id, path)
+    _check_channels(models, record.image, path, plan.slab)
+    labels, probs = predict_case(
+        models,
+        record.image,
+        record.spacing,
+        plan.preprocess,
+        plan.patch_size,
+        len(plan.class_names),
+        probabilities=probabilities,
+        slab=plan.slab,
+        window=window,
+        max_voxels=max_voxels,
+        name=str(path),
+    )
+    labels = apply_postprocessing(labels, plan.postprocessing, record.spacing)
+    outputs = [(seg_path, labels)]
+    if probabilities:
+        outputs.append((prob_path, probs))
+    # the old record goes first and the new one comes last: outputs without a record are
+    # never taken for finished ones, whenever a run is interrupted
+    record_path.unlink(missing_ok=True)
+    if not probabilities:  # an older run's, from other settings: not left beside new labels
+        prob_path.unlink(missing_ok=True)
+    written = []
+    for out_path, array in outputs:
+        if path.is_dir():  # DICOM: the affine read from the series, a fresh header
+            write_nifti(out_path, array, record.affine)
+        else:
+            write_like(out_path, array, path)
+        written.append(out_path)
+    write_json(
+        record_path,
+        {
+            "case_id": case_id,
+            "outputs": [p.name for p in written],
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "key": key,
+        },
+    )
+    if log:
+        found = ", ".join(
+            f"{name} {int(np.count_nonzero(labels == c))}"
+            for c, name in enumerate(plan.class_names)
+            if c > 0
+        )
+        log(f"{case_id}: {seg_path} ({found} voxels)")
     return written
 
 

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from medseg.inference.sliding_window import SlidingWindow
 from medseg.pipeline.geometry import prepare_case
-from medseg.pipeline.preprocess import PreprocessPlan
+from medseg.pipeline.preprocess import MAX_RESAMPLED_VOXELS, PreprocessPlan
 
 __all__ = ["predict_case", "slabs"]
 
@@ -30,6 +30,8 @@ def predict_case(
     probabilities: bool = True,
     slab: int | None = None,
     window: SlidingWindow | None = None,
+    max_voxels: int = MAX_RESAMPLED_VOXELS,
+    name: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Predict a label map for one case on its original grid.
 
@@ -64,6 +66,11 @@ def predict_case(
         A configured inferer (:meth:`SlidingWindow.from_plan`); replaces ``patch_size``'s
         window settings (``overlap``, ``batch_size``, ``weighting``, ``mirror_axes``,
         ``stride``). For a slab model it is the in-plane window.
+    max_voxels : int, optional
+        The largest preprocessed (resampled) grid accepted: a larger one is refused
+        before it is allocated (:func:`~medseg.pipeline.preprocess.check_resampling`).
+    name : str, optional
+        The file or case id, named in errors.
 
     Returns
     -------
@@ -76,8 +83,11 @@ def predict_case(
     """
     image = np.asarray(image)
     if image.ndim not in (3, 4):
-        raise ValueError(f"image must be (D, H, W) or (D, H, W, C), got shape {image.shape}")
-    prepared, geometry = prepare_case(image, spacing, plan)
+        where = f"{name}: " if name else ""
+        raise ValueError(
+            f"{where}image must be (D, H, W) or (D, H, W, C), got shape {image.shape}"
+        )
+    prepared, geometry = prepare_case(image, spacing, plan, max_voxels=max_voxels, name=name)
     if slab is not None:
         if len(patch_size) != 3 or int(patch_size[0]) != slab:
             raise ValueError(

@@ -15,7 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from medseg.pipeline.preprocess import PreprocessPlan, anisotropic_axis, preprocess_with_box
+from medseg.pipeline.preprocess import (
+    MAX_RESAMPLED_VOXELS,
+    PreprocessPlan,
+    anisotropic_axis,
+    preprocess_with_box,
+)
 from medseg.pipeline.spatial import resize_axis
 
 __all__ = ["CaseGeometry", "prepare_case", "resample_chunks", "to_source_grid"]
@@ -57,7 +62,12 @@ class CaseGeometry:
 
 
 def prepare_case(
-    image, spacing: Sequence[float], plan: PreprocessPlan
+    image,
+    spacing: Sequence[float],
+    plan: PreprocessPlan,
+    *,
+    max_voxels: int = MAX_RESAMPLED_VOXELS,
+    name: str | None = None,
 ) -> tuple[tf.Tensor, CaseGeometry]:
     """Preprocess a whole image for prediction; also return how to map results back.
 
@@ -68,16 +78,32 @@ def prepare_case(
     spacing : sequence of 3 floats
         Its voxel spacing, in array-axis order.
     plan : PreprocessPlan
+    max_voxels : int, optional
+        The largest resampled grid accepted
+        (:func:`~medseg.pipeline.preprocess.check_resampling`).
+    name : str, optional
+        The file or case id, named in errors.
 
     Returns
     -------
     prepared : tf.Tensor
         ``(d, h, w, C)`` float32, as the model was trained on.
     geometry : CaseGeometry
+
+    Raises
+    ------
+    ValueError
+        The spacing is not 3 numbers, or the resampling to the plan's spacing is refused
+        (an absurd grid, e.g. 40 mm voxels or a spacing in metres), before it is allocated.
     """
+    if np.ndim(spacing) != 1 or len(spacing) != 3:
+        where = f"{name}: " if name else ""
+        raise ValueError(f"{where}spacing must be 3 numbers (one per axis), got {spacing!r}")
     image = tf.convert_to_tensor(image)
     spacing_tensor = tf.constant(spacing, tf.float64)
-    prepared, _, (start, stop) = preprocess_with_box(image, None, spacing_tensor, plan)
+    prepared, _, (start, stop) = preprocess_with_box(
+        image, None, spacing_tensor, plan, max_voxels=max_voxels, case_id=name
+    )
     nearest_axis = -1
     if plan.target_spacing is not None:
         # back from the plan's spacing to the source's, under the same anisotropy rule

@@ -192,6 +192,122 @@ def resampled_shape(shape, spacing, target_spacing) -> tf.Tensor:
     return tf.maximum(tf.cast(tf.round(shape * ratio), tf.int32), 1)
 
 
+# The largest resampled grid accepted, in voxels per channel: 2**30 is 4 GiB of float32
+# per channel and per copy (resampling holds about three copies; prediction adds K + 1
+# floats per voxel). The largest real scans stay far below it (a 512 x 512 x 2000
+# whole-body CT is 5 * 10**8 voxels), while a spacing in the wrong unit (cm read as mm:
+# 10x per axis, 1000x voxels) goes far above it: the bound catches headers, not patients.
+MAX_RESAMPLED_VOXELS = 2**30
+
+
+def check_resampling(
+    shape,
+    spacing,
+    target_spacing,
+    max_voxels: int = MAX_RESAMPLED_VOXELS,
+    case_id=None,
+) -> tf.Operation | None:
+    """Refuse a resampling whose grid is absurd, before it is allocated.
+
+    Refused: a spacing that is not positive and finite; an axis of more than one voxel
+    that :func:`resampled_shape` would collapse to none (it would clamp it to one voxel,
+    e.g. a spacing in metres read as millimetres); a resampled grid of more than
+    ``max_voxels`` voxels (e.g. 40 mm voxels resampled to 1 mm).
+
+    Parameters
+    ----------
+    shape : sequence of int or int tensor
+        Spatial shape before resampling (after any crop).
+    spacing : sequence of float or float tensor
+        Its voxel spacing.
+    target_spacing : sequence of float
+        The plan's target spacing.
+    max_voxels : int, optional
+        The largest resampled grid accepted (:data:`MAX_RESAMPLED_VOXELS` by default).
+    case_id : str or string tensor, optional
+        The file or case, named in the message.
+
+    Returns
+    -------
+    tf.Operation or None
+        Eagerly, None (the check has run). In a graph (``tf.data.Dataset.map``), the
+        assertion, to run before the resampling (``tf.control_dependencies``); it raises
+        ``tf.errors.InvalidArgumentError`` with the same figures.
+
+    Raises
+    ------
+    ValueError
+        Eagerly: naming the case, the source shape and spacing, the target spacing, the
+        resulting shape and voxel count, and what to check.
+    """
+    if max_voxels < 1:
+        raise ValueError(f"max_voxels={max_voxels} must be at least 1")
+    # float64 throughout: a grid of 10**12 voxels must not wrap around in int32 first
+    source = tf.cast(shape, tf.float64)
+    spacing = tf.cast(spacing, tf.float64)
+    target = tf.constant(target_spacing, tf.float64)
+    sizes = tf.round(source * spacing / target)  # resampled_shape before its clamp to 1
+    voxels = tf.reduce_prod(tf.maximum(sizes, 1.0))
+    spacing_ok = tf.reduce_all(tf.math.is_finite(spacing) & (spacing > 0))
+    collapsed = (sizes < 1) & (source > 1)
+    ok = spacing_ok & ~tf.reduce_any(collapsed) & (voxels <= max_voxels)
+    if not tf.executing_eagerly():
+        return tf.debugging.Assert(
+            ok,
+            [
+                "preprocessing case", "" if case_id is None else case_id,
+                ": resampling from shape", tf.cast(shape, tf.int64),
+                "at spacing", spacing, "to the target spacing", target, "gives shape",
+                sizes, "=", voxels, "voxels; refused: a spacing must be positive and "
+                "finite, an axis of more than one voxel must not collapse to none, and at "
+                f"most {max_voxels} voxels are resampled (max_voxels). Check the case's "
+                "voxel spacing (its header's units) or preprocess.target_spacing",
+            ],
+            summarize=8,
+        )
+    if bool(ok):
+        return None
+    raise ValueError(
+        _resampling_message(
+            source.numpy(), spacing.numpy(), target.numpy(), sizes.numpy(), float(voxels),
+            max_voxels, case_id,
+        )
+    )
+
+
+def _resampling_message(source, spacing, target, sizes, voxels, max_voxels, case_id) -> str:
+    if tf.is_tensor(case_id):
+        case_id = case_id.numpy()
+    if isinstance(case_id, bytes):
+        case_id = case_id.decode(errors="replace")
+    where = f"{case_id}: " if case_id is not None else ""
+    shape = tuple(int(v) for v in source)
+    spacings, targets = (tuple(float(f"{v:.6g}") for v in s) for s in (spacing, target))
+    head = (
+        f"{where}resampling from shape {shape} at spacing {spacings} mm to the target "
+        f"spacing {targets} mm"
+    )
+    if not all(np.isfinite(spacing) & (spacing > 0)):
+        return (
+            f"{head}: the spacing must be positive and finite; check the file's header "
+            "(pixdim / PixelSpacing, SliceThickness)"
+        )
+    result = tuple(int(v) for v in sizes)
+    collapsed = [a for a in range(len(sizes)) if sizes[a] < 1 and source[a] > 1]
+    if collapsed:
+        axes = ", ".join(f"axis {a} ({int(source[a])} voxels)" for a in collapsed)
+        return (
+            f"{head} would collapse {axes} to less than one voxel (shape {result}); check "
+            "the file's voxel spacing (a spacing in metres or cm instead of mm?) or the "
+            "plan's target spacing"
+        )
+    return (
+        f"{head} gives shape {result} = {voxels:,.0f} voxels, above the bound of "
+        f"{max_voxels:,} (max_voxels); check the file's voxel spacing (a spacing in cm "
+        "instead of mm?) or, for a truly larger scan, raise max_voxels"
+    )
+
+
 def anisotropic_axis(spacing, target_spacing, threshold: float = 3.0) -> tf.Tensor:
     """The axis resampled without interpolation under nnU-Net's anisotropy rule, or -1.
 
@@ -355,7 +471,16 @@ def one_hot(label: tf.Tensor, num_classes: int) -> tf.Tensor:
 # -- one case ------------------------------------------------------------------------------
 
 
-def preprocess_case(image, label, spacing, plan: PreprocessPlan, min_shape=None):
+def preprocess_case(
+    image,
+    label,
+    spacing,
+    plan: PreprocessPlan,
+    min_shape=None,
+    *,
+    max_voxels: int = MAX_RESAMPLED_VOXELS,
+    case_id=None,
+):
     """Crop, clip, normalize, resample and pad one case.
 
     Parameters
@@ -370,6 +495,10 @@ def preprocess_case(image, label, spacing, plan: PreprocessPlan, min_shape=None)
     plan : PreprocessPlan
     min_shape : sequence of ints, optional
         Pad (image with 0, label with 0) to at least this spatial shape, e.g. the patch size.
+    max_voxels : int, optional
+        The largest resampled grid accepted, see :func:`check_resampling`.
+    case_id : str or string tensor, optional
+        Named in the resampling check's message.
 
     Returns
     -------
@@ -378,11 +507,20 @@ def preprocess_case(image, label, spacing, plan: PreprocessPlan, min_shape=None)
     label : tf.Tensor or None
         ``(*spatial')`` int32.
 
+    Raises
+    ------
+    ValueError
+        Eagerly, for a resampling :func:`check_resampling` refuses (in a graph:
+        ``tf.errors.InvalidArgumentError`` when it runs), before the resampled grid is
+        allocated.
+
     See Also
     --------
     medseg.pipeline.geometry.prepare_case : the same for prediction, with the way back.
     """
-    image, label, _ = preprocess_with_box(image, label, spacing, plan, min_shape)
+    image, label, _ = preprocess_with_box(
+        image, label, spacing, plan, min_shape, max_voxels=max_voxels, case_id=case_id
+    )
     return image, label
 
 
@@ -408,7 +546,16 @@ def _user_step(spec: str, image, label):
     return out_image, None if label is None else tf.cast(out_label, tf.int32)
 
 
-def preprocess_with_box(image, label, spacing, plan: PreprocessPlan, min_shape=None):
+def preprocess_with_box(
+    image,
+    label,
+    spacing,
+    plan: PreprocessPlan,
+    min_shape=None,
+    *,
+    max_voxels: int = MAX_RESAMPLED_VOXELS,
+    case_id=None,
+):
     """:func:`preprocess_case`, also returning the crop box ``(start, stop)`` in the input
     grid (the whole image when the plan does not crop)."""
     spacing = tf.convert_to_tensor(spacing)
@@ -425,13 +572,22 @@ def preprocess_with_box(image, label, spacing, plan: PreprocessPlan, min_shape=N
             label = crop_to_box(label, start, stop)
     else:
         start, stop = tf.zeros([ndim], tf.int32), tf.shape(image)[:ndim]
-    image = normalize(image, plan)
+    checked = []
     if plan.target_spacing is not None:
         if len(plan.target_spacing) != ndim:
             raise ValueError(
                 f"plan.target_spacing={list(plan.target_spacing)} has {len(plan.target_spacing)}"
                 f" axes, the image {ndim}"
             )
+        # before normalizing and resampling: a refused case allocates nothing more
+        check = check_resampling(
+            tf.shape(image)[:ndim], spacing, plan.target_spacing, max_voxels, case_id
+        )
+        checked = [] if check is None else [check]
+    with tf.control_dependencies(checked):  # in a graph, the check runs first
+        image = tf.identity(image) if checked else image
+    image = normalize(image, plan)
+    if plan.target_spacing is not None:
         new_shape = resampled_shape(tf.shape(image)[:ndim], spacing, plan.target_spacing)
         axis = anisotropic_axis(spacing, plan.target_spacing, plan.anisotropy_threshold)
         image = resample(image, new_shape, "linear", nearest_axis=axis)
