@@ -231,3 +231,118 @@ def test_metric_boxplots_and_dataset_overview_write_pngs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "box.png", "data.png", "empty.png", "freq.png"
     ]
+
+
+# -- crop, caps and memory: a whole CT case must never be drawn in float RGB ----------------
+
+BIG = (40, 30, 50)
+
+
+@pytest.fixture
+def labelled_volume():
+    image = np.random.default_rng(0).random(BIG, dtype=np.float32)
+    truth = np.zeros(BIG, np.uint8)
+    truth[10:14, 8:12, 20:26] = 1
+    pred = np.zeros(BIG, np.uint8)
+    pred[12:16, 9:13, 22:28] = 2
+    return image, truth, pred
+
+
+def panels(frames, width, count=3):
+    """The panels of a strip of frames, cut at the separators."""
+    return [frames[:, :, p * (width + GAP) : p * (width + GAP) + width] for p in range(count)]
+
+
+def test_overlay_is_cropped_to_the_labels_capped_and_downscaled(labelled_volume):
+    image, truth, pred = labelled_volume
+    view = {"window": (0.0, 1.0), "gap": GAP}
+    full = overlay_frames(image, truth, pred, margin=None, max_frames=None, max_size=None, **view)
+    assert full.shape == (40, 30, 3 * 50 + 2 * GAP, 3)
+    # truth ∪ prediction spans slices 10..15, rows 8..12, columns 20..27; 2 voxels more
+    crop = overlay_frames(image, truth, pred, margin=2, max_frames=None, max_size=None, **view)
+    assert crop.dtype == np.uint8
+    assert crop.shape == (18 - 8, 15 - 6, 3 * (30 - 18) + 2 * GAP, 3)
+    for want, got in zip(panels(full, 50), panels(crop, 12), strict=True):
+        np.testing.assert_array_equal(got, want[8:18, 6:15, 18:30])
+
+    # at most 4 frames, evenly spread over the cropped slices, first and last included
+    capped = overlay_frames(image, truth, pred, margin=2, max_frames=4, max_size=None, **view)
+    np.testing.assert_array_equal(capped, crop[[0, 3, 6, 9]])
+
+    # panels of at most 6 pixels: 9 x 12 halves to 4 x 6 (round half to even), nearest
+    small = overlay_frames(image, truth, pred, margin=2, max_frames=None, max_size=6, **view)
+    assert small.shape == (10, 4, 3 * 6 + 2 * GAP, 3)
+    rows = (np.arange(4) + 0.5) * 9 / 4
+    cols = (np.arange(6) + 0.5) * 12 / 6
+    for want, got in zip(panels(crop, 12), panels(small, 6), strict=True):
+        np.testing.assert_array_equal(got, want[:, rows.astype(int)][:, :, cols.astype(int)])
+
+
+def test_overlay_without_labels_keeps_the_whole_slices_but_caps_frames():
+    image = np.random.default_rng(1).random((100, 20, 24), dtype=np.float32)
+    frames = overlay_frames(image, None, np.zeros(image.shape, np.uint8), max_frames=64)
+    assert frames.shape == (64, 20, 3 * 24 + 2 * 2, 3)
+    # the first and last slice are among the frames: frame 0 is slice 0, frame 63 slice 99
+    whole = overlay_frames(image, None, None, max_frames=None, window=(0.0, 1.0))
+    capped = overlay_frames(image, None, None, max_frames=64, window=(0.0, 1.0))
+    np.testing.assert_array_equal(capped[[0, -1]], whole[[0, 99]])
+
+
+def test_overlay_memory_stays_far_below_the_volume():
+    import tracemalloc
+
+    image = np.random.default_rng(2).random((64, 256, 256), dtype=np.float32)  # 16 MB
+    truth = np.zeros(image.shape, np.uint8)
+    truth[20:40, 100:160, 90:150] = 1
+    tracemalloc.start()
+    try:
+        frames = overlay_frames(image, truth, truth, spacing=(2.0, 0.8, 0.8))
+        montage, _ = visuals.slice_montage(image, truth, truth, spacing=(2.0, 0.8, 0.8))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # drawing the whole volume in float RGB took ~120 bytes per voxel (2 GB here)
+    assert peak < image.nbytes / 2, peak
+    assert frames.dtype == montage.dtype == np.uint8
+    assert frames.shape[0] == 20 + 2 * 8  # the labelled slices and the margin
+
+
+def test_montage_cells_are_the_cropped_frames(labelled_volume):
+    image, truth, pred = labelled_volume
+    view = {"window": (0.0, 1.0), "margin": 2, "max_size": None}
+    montage, indices = visuals.slice_montage(image, truth, pred, num_slices=3, columns=3,
+                                             gap=3, **view)
+    assert list(indices) == [10, 12, 15]  # spread over the labelled slices 10..15
+    crop = overlay_frames(image, truth, pred, max_frames=None, **view)  # slices 8..17
+    height, width = crop.shape[1:3]
+    assert montage.shape == (height, 3 * width + 2 * 3, 3)
+    for cell, index in enumerate(indices):
+        left = cell * (width + 3)
+        np.testing.assert_array_equal(montage[:, left : left + width], crop[index - 8])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"axis": 3}, "axis must be 0, 1 or 2"),
+        ({"margin": -1}, "margin must be >= 0"),
+        ({"max_frames": 0}, "max_frames must be a positive"),
+        ({"max_size": 0}, "max_size must be a positive"),
+        ({"spacing": (1.0, 0.0, 1.0)}, "spacing must be positive and finite"),
+        ({"spacing": (1.0, 1.0)}, "spacing must have 3 entries"),
+    ],
+)
+def test_bad_view_arguments_are_refused_before_drawing(case, kwargs, fragment):
+    image, truth, pred = case
+    with pytest.raises(ValueError, match=fragment):
+        overlay_frames(image, truth, pred, **kwargs)
+
+
+def test_empty_or_flat_volumes_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="image is empty"):
+        overlay_frames(np.zeros((0, 4, 4), np.float32), None, None)
+    with pytest.raises(ValueError, match="must be a 3D volume"):
+        visuals.slice_montage(np.zeros((4, 4), np.float32), None, None)
+    with pytest.raises(ValueError, match="differs from image shape"):
+        write_overlay_gif(tmp_path / "x.gif", np.zeros((3, 4, 4)), np.zeros((3, 4, 5)), None)
+    assert list(tmp_path.iterdir()) == []

@@ -92,6 +92,141 @@ def _nearest_indices(length: int, new_length: int) -> np.ndarray:
     return np.minimum((np.arange(new_length) + 0.5) * length / new_length, length - 1).astype(int)
 
 
+# voxels per chunk when scanning labels: a boolean copy of the whole volume would cost one
+# byte per voxel (a KiTS case: 250 MB), a chunk of ~4 M voxels costs 4 MB
+_SCAN_VOXELS = 1 << 22
+
+
+def _label_presence(labels: Sequence[np.ndarray | None], shape) -> list[np.ndarray]:
+    """Per axis, which indices hold a label voxel (nonzero) of any of ``labels``."""
+    present = [np.zeros(n, dtype=bool) for n in shape]
+    step = max(1, _SCAN_VOXELS // max(1, shape[1] * shape[2]))
+    for label in labels:
+        if label is None:
+            continue
+        for start in range(0, shape[0], step):
+            nonzero = label[start : start + step] != 0
+            # reductions over contiguous views: any(axis=(1, 2)) would copy the chunk
+            present[0][start : start + len(nonzero)] |= nonzero.reshape(len(nonzero), -1).any(1)
+            present[1] |= nonzero.any(axis=2).any(axis=0)
+            present[2] |= nonzero.reshape(-1, shape[2]).any(axis=0)
+            del nonzero  # else it lives on while the next chunk is compared
+    return present
+
+
+def _crop_box(present: Sequence[np.ndarray], margin: int | None) -> tuple[slice, ...]:
+    """The labels' bounding box widened by ``margin`` voxels (the whole volume without
+    labels or without a margin)."""
+    if margin is None or not present[0].any():
+        return tuple(slice(0, len(p)) for p in present)
+    box = []
+    for p in present:
+        index = np.flatnonzero(p)
+        box.append(slice(max(0, index[0] - margin), min(len(p), index[-1] + 1 + margin)))
+    return tuple(box)
+
+
+def _spread(candidates: np.ndarray, count: int | None) -> np.ndarray:
+    """At most ``count`` of ``candidates``, evenly spread (first and last included)."""
+    if count is None or len(candidates) <= count:
+        return candidates
+    return candidates[np.round(np.linspace(0, len(candidates) - 1, count)).astype(int)]
+
+
+def _check_view(axis, margin, max_size, spacing) -> int:
+    """Validate the view arguments before anything is allocated; the axis in 0..2."""
+    if not isinstance(axis, int | np.integer) or not -3 <= axis < 3:
+        raise ValueError(f"axis must be 0, 1 or 2 (the volume's axes), got {axis!r}")
+    if margin is not None and margin < 0:
+        raise ValueError(f"margin must be >= 0 voxels (or None: no crop), got {margin}")
+    if max_size is not None and max_size < 1:
+        raise ValueError(f"max_size must be a positive number of pixels (or None), got {max_size}")
+    if spacing is not None:
+        if len(spacing) != 3:
+            raise ValueError(f"spacing must have 3 entries, got {spacing}")
+        if not all(np.isfinite(s) and s > 0 for s in spacing):
+            raise ValueError(f"spacing must be positive and finite, got {spacing}")
+    return int(axis) % 3
+
+
+def _prepare(image, truth, pred, prediction_panel, class_colors):
+    """The volumes (views, no copies), the label panels shown and their colours."""
+    image = _as_volume(image, "image")
+    if image.size == 0:
+        raise ValueError(f"image is empty (shape {image.shape}): nothing to draw")
+    shown = ((truth, "truth"), (pred, "pred")) if prediction_panel else ((truth, "truth"),)
+    labels = [None if x is None else _as_volume(x, name) for x, name in shown]
+    for label in labels:
+        if label is not None and label.shape != image.shape:
+            raise ValueError(f"label shape {label.shape} differs from image shape {image.shape}")
+    if class_colors is None:
+        top = max((int(x.max()) for x in labels if x is not None and x.size), default=0)
+        class_colors = label_colors(top + 1)
+    return image, labels, class_colors
+
+
+def _render(
+    image: np.ndarray,
+    labels: Sequence[np.ndarray | None],
+    axis: int,
+    indices: np.ndarray,
+    box: tuple[slice, ...],
+    colors: Mapping[int, Sequence[int]],
+    alpha: float,
+    window: tuple[float, float] | None,
+    spacing: Sequence[float] | None,
+    gap: int,
+    max_size: int | None,
+) -> np.ndarray:
+    """The frames of slices ``indices`` along ``axis``, cropped to ``box``, built one by one
+    in uint8: only the shown slices, resampled to their output size, are ever floats."""
+    row_axis, col_axis = (a for a in range(3) if a != axis)
+    rows_box, cols_box = box[row_axis], box[col_axis]
+    rows, cols = rows_box.stop - rows_box.start, cols_box.stop - cols_box.start
+    new_rows, new_cols = rows, cols
+    if spacing is not None:  # square pixels: the finer axis' spacing for both
+        row_spacing, col_spacing = float(spacing[row_axis]), float(spacing[col_axis])
+        finest = min(row_spacing, col_spacing)
+        new_rows = max(1, round(rows * row_spacing / finest))
+        new_cols = max(1, round(cols * col_spacing / finest))
+    if max_size is not None and max(new_rows, new_cols) > max_size:
+        factor = max_size / max(new_rows, new_cols)
+        new_rows, new_cols = max(1, round(new_rows * factor)), max(1, round(new_cols * factor))
+    grid = np.ix_(
+        rows_box.start + _nearest_indices(rows, new_rows),
+        cols_box.start + _nearest_indices(cols, new_cols),
+    )
+
+    def plane(volume: np.ndarray, index: int) -> np.ndarray:
+        key = [slice(None)] * 3
+        key[axis] = int(index)
+        return volume[tuple(key)][grid]  # a view of the slice, then the small resampled copy
+
+    gray = np.stack([plane(image, i).astype(np.float32) for i in indices])
+    lo, hi = np.nanpercentile(gray, [1, 99]) if window is None else window
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0  # a constant image renders black
+    gray = np.nan_to_num(np.clip((gray - lo) * scale, 0.0, 255.0), copy=False)  # NaN: black
+
+    panels = 1 + len(labels)
+    width = panels * new_cols + (panels - 1) * gap
+    frames = np.full((len(indices), new_rows, width, 3), 255, dtype=np.uint8)  # white gaps
+    for frame, index in enumerate(indices):
+        base = np.repeat(gray[frame][..., None], 3, axis=-1)
+        for p, label in enumerate([None, *labels]):
+            panel = base
+            if label is not None:
+                panel = base.copy()
+                label = plane(label, index)
+                for value, color in colors.items():
+                    mask = label == value
+                    panel[mask] = (1.0 - alpha) * panel[mask] + alpha * np.asarray(
+                        color, np.float32
+                    )
+            left = p * (new_cols + gap)
+            frames[frame, :, left : left + new_cols] = np.round(panel)
+    return frames
+
+
 def overlay_frames(
     image: np.ndarray,
     truth: np.ndarray | None,
@@ -103,8 +238,15 @@ def overlay_frames(
     spacing: Sequence[float] | None = None,
     gap: int = 2,
     prediction_panel: bool = True,
+    margin: int | None = 8,
+    max_frames: int | None = 64,
+    max_size: int | None = 256,
 ) -> np.ndarray:
     """Render a case slice by slice as image | ground truth | prediction panels.
+
+    Only the labels' neighbourhood is drawn, at most ``max_frames`` slices of at most
+    ``max_size`` pixels, built frame by frame in uint8, so a whole CT case costs megabytes,
+    not a float RGB copy of the volume (~120 bytes per voxel).
 
     Parameters
     ----------
@@ -122,8 +264,8 @@ def overlay_frames(
     alpha : float, optional
         Opacity of the label colours.
     window : (float, float), optional
-        Intensity range mapped to black..white; defaults to the image's 1st and 99th
-        percentiles.
+        Intensity range mapped to black..white; defaults to the 1st and 99th percentiles of
+        the slices shown.
     spacing : sequence of 3 floats, optional
         Voxel spacing of the volume's axes. When given, slice rows or columns are repeated
         (nearest neighbour) so that pixels are square and anisotropic slices keep their
@@ -133,56 +275,53 @@ def overlay_frames(
     prediction_panel : bool, optional
         False leaves the prediction panel out (image | ground truth: a dataset's cases,
         ``pred`` then ignored).
+    margin : int or None, optional
+        The volume is cropped to the bounding box of the labels shown (truth ∪ prediction)
+        widened by this many voxels on every side; ``None`` (or no label at all) keeps the
+        whole volume.
+    max_frames : int or None, optional
+        At most this many frames, evenly spread over the cropped slices; ``None``: all.
+    max_size : int or None, optional
+        Panels larger than this many pixels (rows or columns, after the spacing
+        correction) are downscaled, nearest neighbour, to fit; ``None``: never.
 
     Returns
     -------
     frames : ndarray of uint8, shape ``(frames, H', 3 W' + 2 gap, 3)``
-        RGB frames; without ``spacing``, ``H'`` and ``W'`` are the slice's shape, in the
-        order of the remaining axes.
+        RGB frames; without ``spacing``, cropping and downscaling, ``H'`` and ``W'`` are the
+        slice's shape, in the order of the remaining axes.
+
+    Raises
+    ------
+    ValueError
+        A volume that is not 3D, labels of another shape, or an invalid ``axis``,
+        ``spacing``, ``margin``, ``max_frames`` or ``max_size``, before anything is drawn.
     """
-    image = _as_volume(image, "image").astype(np.float32)
-    shown = ((truth, "truth"), (pred, "pred")) if prediction_panel else ((truth, "truth"),)
-    labels = [None if x is None else _as_volume(x, name) for x, name in shown]
-    for label in labels:
-        if label is not None and label.shape != image.shape:
-            raise ValueError(f"label shape {label.shape} differs from image shape {image.shape}")
-    if class_colors is None:
-        top = max((int(x.max()) for x in labels if x is not None and x.size), default=0)
-        class_colors = label_colors(top + 1)
-    colors = class_colors
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be a positive number (or None), got {max_frames}")
+    frames, _ = _overlay(
+        image, truth, pred, axis, lambda present, span: _spread(span, max_frames),
+        class_colors=class_colors, alpha=alpha, window=window, spacing=spacing, gap=gap,
+        prediction_panel=prediction_panel, margin=margin, max_size=max_size,
+    )
+    return frames
 
-    lo, hi = np.percentile(image, [1, 99]) if window is None else window
-    scale = 255.0 / (hi - lo) if hi > lo else 0.0  # a constant image renders black
-    gray = np.clip((image - lo) * scale, 0.0, 255.0)
-    gray = np.moveaxis(gray, axis, 0)
-    base = np.repeat(gray[..., None], 3, axis=-1)
 
-    panels = [base]
-    for label in labels:
-        panel = base.copy()
-        if label is not None:
-            label = np.moveaxis(label, axis, 0)
-            for value, color in colors.items():
-                mask = label == value
-                panel[mask] = (1.0 - alpha) * panel[mask] + alpha * np.asarray(color, np.float32)
-        panels.append(panel)
-
-    if spacing is not None:
-        if len(spacing) != 3:
-            raise ValueError(f"spacing must have 3 entries, got {spacing}")
-        row_spacing, col_spacing = np.delete(np.asarray(spacing, float), axis % 3)
-        finest = min(row_spacing, col_spacing)
-        rows, cols = base.shape[1:3]
-        new_rows = max(1, round(rows * row_spacing / finest))
-        new_cols = max(1, round(cols * col_spacing / finest))
-        row_index = _nearest_indices(rows, new_rows)
-        col_index = _nearest_indices(cols, new_cols)
-        panels = [p[:, row_index][:, :, col_index] for p in panels]
-
-    frames, rows = panels[0].shape[:2]
-    separator = np.full((frames, rows, gap, 3), 255.0, dtype=np.float32)
-    strip = [part for panel in panels for part in (separator, panel)][1:]
-    return np.round(np.concatenate(strip, axis=2)).astype(np.uint8)
+def _overlay(
+    image, truth, pred, axis, pick, *, class_colors=None, alpha=0.45, window=None,
+    spacing=None, gap=2, prediction_panel=True, margin=8, max_size=256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Frames of the slices ``pick(present, span)`` chooses (``present`` flags the slices
+    along ``axis`` holding a label, ``span`` holds the crop's slice indices), and those
+    indices; keyword arguments as `overlay_frames`."""
+    axis = _check_view(axis, margin, max_size, spacing)
+    image, labels, colors = _prepare(image, truth, pred, prediction_panel, class_colors)
+    present = _label_presence(labels, image.shape)
+    box = _crop_box(present, margin)
+    indices = pick(present[axis], np.arange(box[axis].start, box[axis].stop))
+    frames = _render(image, labels, axis, indices, box, colors, alpha, window, spacing, gap,
+                     max_size)
+    return frames, indices
 
 
 def write_overlay_gif(
@@ -206,7 +345,8 @@ def write_overlay_gif(
         Frames per second.
     **kw
         Further keyword arguments of `overlay_frames` (``class_colors``, ``alpha``,
-        ``window``, ``spacing``, ``gap``, ``prediction_panel``).
+        ``window``, ``spacing``, ``gap``, ``prediction_panel``, and the crop and caps
+        ``margin``, ``max_frames``, ``max_size``).
 
     Returns
     -------
@@ -273,17 +413,10 @@ def plot_learning_curves(history: Mapping[str, Sequence[float]], path: str | os.
     return write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
-def _pick_slices(truth, pred, axis: int, depth: int, count: int) -> np.ndarray:
+def _pick_slices(present: np.ndarray, count: int) -> np.ndarray:
     """``count`` slice indices evenly spread over the slices holding any label (else all)."""
-    present = np.zeros(depth, dtype=bool)
-    for label in (truth, pred):
-        if label is not None:
-            other = tuple(a for a in range(3) if a != axis % 3)
-            present |= np.asarray(label).reshape(np.shape(label)[:3]).any(axis=other)
-    candidates = np.flatnonzero(present) if present.any() else np.arange(depth)
-    if len(candidates) <= count:
-        return candidates
-    return candidates[np.round(np.linspace(0, len(candidates) - 1, count)).astype(int)]
+    candidates = np.flatnonzero(present) if present.any() else np.arange(len(present))
+    return _spread(candidates, count)
 
 
 def slice_montage(
@@ -310,7 +443,9 @@ def slice_montage(
     gap : int, optional
         White margin in pixels between strips.
     **kw
-        Further keyword arguments of `overlay_frames` (``class_colors``, ``spacing``, ...).
+        Further keyword arguments of `overlay_frames` (``class_colors``, ``spacing``,
+        ``margin``, ``max_size``, ...; each strip is cropped and downscaled as a frame
+        there, and only the slices shown are drawn).
 
     Returns
     -------
@@ -321,18 +456,20 @@ def slice_montage(
     """
     if num_slices < 1 or columns < 1:
         raise ValueError(f"num_slices and columns must be positive, got {num_slices}, {columns}")
-    frames = overlay_frames(image, truth, pred, axis=axis, **kw)
-    indices = _pick_slices(truth, pred, axis, frames.shape[0], num_slices)
+    kw.pop("max_frames", None)  # num_slices counts the cells
+    frames, indices = _overlay(
+        image, truth, pred, axis, lambda present, span: _pick_slices(present, num_slices), **kw
+    )
     columns = min(columns, len(indices))
     rows = -(-len(indices) // columns)
     height, width = frames.shape[1:3]
     montage = np.full(
         (rows * (height + gap) - gap, columns * (width + gap) - gap, 3), 255, dtype=np.uint8
     )
-    for cell, index in enumerate(indices):
+    for cell, frame in enumerate(frames):
         r, c = divmod(cell, columns)
         top, left = r * (height + gap), c * (width + gap)
-        montage[top : top + height, left : left + width] = frames[index]
+        montage[top : top + height, left : left + width] = frame
     return montage, indices
 
 

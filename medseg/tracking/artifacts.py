@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +65,48 @@ __all__ = [
     "SCORES",
     "SPLIT",
     "VALIDATION_CASES",
+    "PLOT_FAILED_TAG",
     "display_window",
     "log_case_postprocessing",
     "log_dataset_overview",
+    "log_plot",
     "log_pooled",
     "log_result",
     "read_scores",
     "write_scores",
     "write_tsv",
 ]
+
+log = logging.getLogger(__name__)
+
+#: Tag prefix of a plot that could not be drawn: ``medseg.plot_failed.<file stem>`` holds
+#: the error; the run goes on without the plot.
+PLOT_FAILED_TAG = "medseg.plot_failed"
+
+
+def log_plot(path: Path, draw: Callable[[Path], Any], artifact_dir: str = "plots") -> bool:
+    """Draw a plot to ``path`` and log it to the active run under ``artifact_dir``.
+
+    A plot is never worth a run: when ``draw`` raises (out of memory included), the error
+    is logged as a warning and as the tag ``medseg.plot_failed.<name>`` and the run goes
+    on without the plot.
+
+    Returns
+    -------
+    bool
+        Whether the plot was drawn and logged.
+    """
+    try:
+        draw(path)
+    except Exception as err:  # never BaseException: an interrupt still stops the run
+        reason = f"{type(err).__name__}: {err}"
+        log.warning("plot %s could not be drawn, the run goes on without it: %s",
+                    path.name, reason)
+        key = re.sub(r"[^\w.\- /]", "_", path.stem)  # the characters MLflow allows in keys
+        mlflow.set_tag(f"{PLOT_FAILED_TAG}.{key}", reason[:4000])
+        return False
+    mlflow.log_artifact(str(path), artifact_dir)
+    return True
 
 
 def display_window(plan) -> tuple[float, float] | None:
@@ -136,7 +172,7 @@ def log_result(result: ExperimentResult) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        (tmp / CONFIG).write_text(result.config.to_json())
+        (tmp / CONFIG).write_text(result.config.to_json(redacted=True))
         # everything prediction needs besides the model (medseg predict --model runs:/...)
         plan = prediction_plan(result.config, setup, result.postprocessing)
         (tmp / PLAN).write_text(json.dumps(plan.to_dict(), indent=2))
@@ -178,25 +214,26 @@ def log_result(result: ExperimentResult) -> None:
         mlflow.log_artifact(str(tmp / "history.tsv"), "training")
         mlflow.log_artifact(str(tmp / "validation_cases.tsv"), "evaluation")
         mlflow.log_artifact(str(tmp / "validation_summary.json"), "evaluation")
+        # plots last, each on its own: a failing one is recorded and skipped
         if result.cases:
-            plot_metric_boxplots([c.scores for c in result.cases], tmp / "metrics_boxplot.png")
-            mlflow.log_artifact(str(tmp / "metrics_boxplot.png"), "plots")
+            log_plot(tmp / "metrics_boxplot.png",
+                     lambda p: plot_metric_boxplots([c.scores for c in result.cases], p))
         if epochs:
-            plot_learning_curves(history, tmp / "learning_curve.png")
-            mlflow.log_artifact(str(tmp / "learning_curve.png"), "plots")
+            log_plot(tmp / "learning_curve.png", lambda p: plot_learning_curves(history, p))
         if result.example is not None:
             ex = result.example
+            # cropped to the labels, frames capped and downscaled (visuals' defaults): a
+            # whole CT case costs megabytes here
             view = {
                 "axis": result.config.evaluation.overlay_axis,
                 "spacing": ex["spacing"],
                 "window": display_window(setup.plan),
             }
-            gif = tmp / f"overlay_{ex['case_id']}.gif"
-            write_overlay_gif(gif, ex["image"], ex["truth"], ex["pred"], **view)
-            montage = tmp / f"montage_{ex['case_id']}.png"
-            write_slice_montage(montage, ex["image"], ex["truth"], ex["pred"], **view)
-            mlflow.log_artifact(str(gif), "plots")
-            mlflow.log_artifact(str(montage), "plots")
+            case = (ex["image"], ex["truth"], ex["pred"])
+            log_plot(tmp / f"overlay_{ex['case_id']}.gif",
+                     lambda p: write_overlay_gif(p, *case, **view))
+            log_plot(tmp / f"montage_{ex['case_id']}.png",
+                     lambda p: write_slice_montage(p, *case, **view))
 
 
 def log_case_postprocessing(result: ExperimentResult) -> None:
@@ -210,21 +247,24 @@ def log_dataset_overview(setup: DataSetup, split: str, max_cases: int = 20) -> N
     """Log ``plots/dataset_overview.png``: class frequencies from the fingerprint and the
     intensity histogram of each class from the voxels of up to ``max_cases`` cases."""
     fp = setup.fingerprint
-    stats = fp.get("foreground_intensity") or {}
-    lo, hi = stats.get("percentile_00_5"), stats.get("percentile_99_5")
-    histograms = None
-    if lo is not None and hi is not None and hi > lo:
-        width = hi - lo  # widened so the background's intensities show too
-        cases = (
-            (ex["image"], ex["label"])
-            for ex in read_cases(setup.builder, split).take(max_cases).as_numpy_iterator()
-        )
-        histograms = intensity_histograms(
-            cases, len(setup.class_names), (lo - width, hi + width / 2), bins=80
-        )
+
+    def draw(path: Path) -> None:  # the cases are read inside: a read error skips the plot
+        stats = fp.get("foreground_intensity") or {}
+        lo, hi = stats.get("percentile_00_5"), stats.get("percentile_99_5")
+        histograms = None
+        if lo is not None and hi is not None and hi > lo:
+            width = hi - lo  # widened so the background's intensities show too
+            cases = (
+                (ex["image"], ex["label"])
+                for ex in read_cases(setup.builder, split).take(max_cases).as_numpy_iterator()
+            )
+            histograms = intensity_histograms(
+                cases, len(setup.class_names), (lo - width, hi + width / 2), bins=80
+            )
+        plot_dataset_overview(fp, path, histograms)
+
     with tempfile.TemporaryDirectory() as tmp:
-        path = plot_dataset_overview(fp, Path(tmp) / "dataset_overview.png", histograms)
-        mlflow.log_artifact(str(path), "plots")
+        log_plot(Path(tmp) / "dataset_overview.png", draw)
 
 
 def log_pooled(cv: CrossValidationResult, child_ids: list[str]) -> None:
@@ -275,5 +315,5 @@ def log_pooled(cv: CrossValidationResult, child_ids: list[str]) -> None:
             save_postprocessing(cv.postprocessing, tmp / "postprocessing.json")
             mlflow.log_artifact(str(tmp / "postprocessing.json"))
         if cv.cases:
-            plot_metric_boxplots([c.scores for _, c in cv.cases], tmp / "metrics_boxplot.png")
-            mlflow.log_artifact(str(tmp / "metrics_boxplot.png"), "plots")
+            log_plot(tmp / "metrics_boxplot.png",
+                     lambda p: plot_metric_boxplots([c.scores for _, c in cv.cases], p))

@@ -4,11 +4,21 @@ from a file or an MLflow URI.
 ``medseg predict --model`` takes a ``.keras`` file or an MLflow model URI (``runs:/<run
 id>/model``, ``models:/<model id>``, ``models:/<name>/<version>``). A model from MLflow
 brings its plan along: ``plan.json`` is fetched from the run that logged the model.
+
+Loading never runs code from the artifact store: the model folder is downloaded, its
+``MLmodel`` must describe a ``.keras`` file (an exported TensorFlow SavedModel,
+``save_exported_model: true``, is refused: ``tf.saved_model.load`` executes its graph), and
+that file is loaded with Keras' safe mode. :func:`log_model` records the file's SHA-256 in
+the tracking store (run tag and logged-model tag ``medseg.model_sha256``), which whoever
+can write the artifact store cannot change; loading a ``runs:/`` or ``models:/`` URI checks
+the downloaded file against it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import tempfile
 from importlib import metadata
@@ -26,7 +36,23 @@ from medseg.inference.files import is_model_uri
 from medseg.tracking import names
 from medseg.tracking.store import resolve_tracking_uri
 
-__all__ = ["load_model", "load_plan", "log_model", "model_signature", "source_run_id"]
+__all__ = [
+    "SHA256_TAG",
+    "file_sha256",
+    "load_model",
+    "load_plan",
+    "log_model",
+    "model_signature",
+    "recorded_sha256",
+    "source_run_id",
+]
+
+log = logging.getLogger(__name__)
+
+#: Run and logged-model tag holding the SHA-256 of the logged ``.keras`` file.
+SHA256_TAG = "medseg.model_sha256"
+# where mlflow.keras writes the model inside the model folder (MLflow 3, .keras format)
+_KERAS_FILE = "model.keras"
 
 
 def model_signature(in_channels: int, num_classes: int) -> ModelSignature:
@@ -52,7 +78,7 @@ def log_model(model: keras.Model, register_as: str | None = None):
     import mlflow
 
     inference = keras.Model(model.inputs, model.outputs[0], name=model.name)
-    return mlflow.keras.log_model(
+    info = mlflow.keras.log_model(
         inference,
         name="model",
         signature=model_signature(int(inference.input_shape[-1]), int(inference.output_shape[-1])),
@@ -61,7 +87,28 @@ def log_model(model: keras.Model, register_as: str | None = None):
             f"keras=={keras.__version__}",
         ],
         registered_model_name=register_as,
+        save_exported_model=False,  # a .keras file: loadable in safe mode
     )
+    # the hash of the file as the artifact store holds it (a .keras zip embeds its save time,
+    # so it is read back rather than saved twice)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=tmp)
+        digest = file_sha256(Path(local, *_keras_file(info.model_uri, Path(local))))
+    client = mlflow.MlflowClient()
+    client.set_logged_model_tags(info.model_id, {SHA256_TAG: digest})
+    if info.run_id:
+        client.set_tag(info.run_id, SHA256_TAG, digest)
+    return info
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in chunks (a model file may be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
 
 def _client(tracking_uri: str | None):
     import mlflow
@@ -74,6 +121,12 @@ def _client(tracking_uri: str | None):
 def load_model(model: str | os.PathLike, tracking_uri: str | None = None) -> keras.Model:
     """Load a model from a ``.keras`` file, an MLflow model folder or an MLflow model URI.
 
+    A URI or folder is downloaded; its ``MLmodel`` must have the ``keras`` flavour with a
+    ``.keras`` file (not ``save_exported_model: true``), which is loaded in Keras' safe mode
+    with medseg's custom objects, not compiled. For ``runs:/`` and ``models:/`` URIs the
+    file's SHA-256 must equal the one :func:`log_model` recorded in the tracking store; a
+    model logged without one (not by medseg) loads with a warning.
+
     Parameters
     ----------
     model : str or path
@@ -84,23 +137,171 @@ def load_model(model: str | os.PathLike, tracking_uri: str | None = None) -> ker
     Raises
     ------
     FileNotFoundError, ValueError
-        Naming the file or URI that cannot be loaded.
+        Naming the file or URI that cannot be loaded, is not a ``.keras`` model, or whose
+        file differs from the one logged.
     """
     text = str(model)
     if not is_model_uri(text):
         return load_model_file(text)
     mlflow = _client(tracking_uri)
+    expected, source = recorded_sha256(text) if _tracked(text) else (None, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=tmp))
+        except Exception as err:  # MlflowException, OSError
+            raise ValueError(
+                f"model {text} cannot be downloaded: {type(err).__name__}: {err}"
+            ) from err
+        parts = _keras_file(text, folder)
+        path = folder.joinpath(*parts)
+        if expected is not None:
+            found = file_sha256(path)
+            if found != expected:
+                raise ValueError(
+                    f"model {text}: {'/'.join(parts)} has SHA-256 {found}, but {source} "
+                    f"recorded {expected} when it was logged: the file was changed in the "
+                    "artifact store since; do not use it (log the model again)"
+                )
+        elif source is not None:
+            log.warning(
+                "model %s: %s recorded no SHA-256 (not logged by medseg's log_model), so the "
+                "file cannot be checked against the one logged", text, source,
+            )
+        import medseg.models  # noqa: F401  registers medseg's custom objects with Keras
+
+        try:
+            return keras.saving.load_model(path, compile=False, safe_mode=True)
+        except Exception as err:  # Keras raises many types for a broken archive
+            raise ValueError(
+                f"model {text} cannot be loaded: {type(err).__name__}: {err}"
+            ) from err
+
+
+def _keras_file(uri: str, folder: Path) -> tuple[str, ...]:
+    """The ``.keras`` file of a downloaded MLflow model folder, as path parts inside it,
+    after checking its ``MLmodel`` describes one (and not an exported SavedModel).
+
+    Raises
+    ------
+    ValueError
+        Naming ``uri`` when ``MLmodel`` is missing or unreadable, has no ``keras`` flavour,
+        says ``save_exported_model: true``, or points outside the folder or to no file.
+    """
+    import yaml
+
+    mlmodel = folder / "MLmodel"
+    if not mlmodel.is_file():
+        raise ValueError(f"model {uri} has no MLmodel file: not an MLflow model")
     try:
-        return mlflow.keras.load_model(text)
-    except Exception as err:  # MlflowException, OSError, Keras errors
-        raise ValueError(f"model {text} cannot be loaded: {type(err).__name__}: {err}") from err
+        flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors") or {}
+    except (yaml.YAMLError, AttributeError, UnicodeDecodeError) as err:
+        raise ValueError(f"model {uri}: its MLmodel file is not valid YAML ({err})") from err
+    flavor = flavors.get("keras")
+    if not isinstance(flavor, dict):
+        raise ValueError(
+            f"model {uri}: its MLmodel has no keras flavour (flavours: "
+            f"{', '.join(map(str, flavors)) or 'none'}); medseg loads Keras models only"
+        )
+    if flavor.get("save_exported_model"):
+        raise ValueError(
+            f"model {uri}: its MLmodel says save_exported_model: true, an exported TensorFlow "
+            "SavedModel, which loads by running its graph's code outside Keras' safe mode; "
+            "medseg loads .keras models only: log the model again with medseg (or "
+            "mlflow.keras.log_model(..., save_exported_model=False))"
+        )
+    data = str(flavor.get("data", "model"))
+    parts = tuple(data.replace("\\", "/").split("/"))
+    if data.startswith(("/", "\\")) or ".." in parts or ":" in data:
+        raise ValueError(
+            f"model {uri}: its MLmodel's keras data path {data!r} points outside the model "
+            "folder; refusing to load it"
+        )
+    parts = tuple(p for p in parts if p not in ("", "."))
+    # as mlflow.keras lays it out: <data>/model.keras, or <data>.keras
+    candidates = [(*parts, _KERAS_FILE)]
+    if parts:
+        candidates.append((*parts[:-1], f"{parts[-1]}.keras"))
+    for candidate in candidates:
+        if folder.joinpath(*candidate).is_file():
+            return candidate
+    raise ValueError(
+        f"model {uri}: no .keras file at {data}/{_KERAS_FILE} in the model folder, as its "
+        "MLmodel says; the artifact is incomplete"
+    )
+
+
+def _tracked(uri: str) -> bool:
+    return uri.startswith(("runs:/", "models:/"))
+
+
+def recorded_sha256(model_uri: str, tracking_uri: str | None = None) -> tuple[str | None, str]:
+    """The SHA-256 the tracking store recorded for a model's ``.keras`` file at logging.
+
+    Parameters
+    ----------
+    model_uri : str
+        ``runs:/<run id>/model``, ``models:/<model id>``, ``models:/<name>/<version>``,
+        ``models:/<name>/<stage>`` or ``models:/<name>@<alias>``.
+    tracking_uri : str, optional
+
+    Returns
+    -------
+    sha256 : str or None
+        None when the model was logged without one (not by :func:`log_model`).
+    source : str
+        Where it was read, for messages (``run <id>``, ``logged model <id>``).
+
+    Raises
+    ------
+    ValueError
+        Naming the URI when its run, model or version is unknown to the tracking store.
+    """
+    client = _client(tracking_uri).MlflowClient()
+    run_id, model_id = _resolve(client, model_uri)
+    try:
+        if model_id:
+            return client.get_logged_model(model_id).tags.get(SHA256_TAG), f"logged model {model_id}"
+        path = model_uri[len("runs:/") :].partition("/")[2].strip("/")
+        if path != "model":  # medseg records the hash of the one model it logs, "model"
+            return None, f"run {run_id} (artifact {path})"
+        return client.get_run(run_id).data.tags.get(SHA256_TAG), f"run {run_id}"
+    except Exception as err:  # MlflowException
+        raise ValueError(
+            f"model {model_uri}: the tracking store does not know it ({type(err).__name__}: "
+            f"{err})"
+        ) from err
+
+
+def _resolve(client, model_uri: str) -> tuple[str | None, str | None]:
+    """``(run id, logged model id)`` of a ``runs:/`` or ``models:/`` URI, from the tracking
+    store and the registry: never from the artifact's own ``MLmodel``, which whoever can
+    write the artifact store controls."""
+    if model_uri.startswith("runs:/"):
+        return model_uri[len("runs:/") :].split("/", 1)[0] or None, None
+    rest = model_uri[len("models:/") :].strip("/")
+    name, _, version = rest.partition("/")
+    try:
+        if "@" in name and not version:
+            found = client.get_model_version_by_alias(*name.split("@", 1))
+        elif version.isdigit():
+            found = client.get_model_version(name, version)
+        elif version:
+            (found,) = client.get_latest_versions(name, [version])
+        else:  # models:/<model id>
+            return client.get_logged_model(name).source_run_id, name
+    except Exception as err:  # MlflowException; unpacking's ValueError: no such stage
+        raise ValueError(
+            f"model {model_uri}: the tracking store does not know it ({type(err).__name__}: "
+            f"{err})"
+        ) from err
+    return found.run_id or None, found.model_id or None
 
 
 def source_run_id(model_uri: str, tracking_uri: str | None = None) -> str | None:
     """The id of the run that logged the model at ``model_uri``, if MLflow knows it."""
-    if model_uri.startswith("runs:/"):
-        return model_uri[len("runs:/") :].split("/", 1)[0] or None
     mlflow = _client(tracking_uri)
+    if _tracked(model_uri):
+        return _resolve(mlflow.MlflowClient(), model_uri)[0]
     try:
         return mlflow.models.get_model_info(model_uri).run_id
     except Exception as err:
