@@ -11,6 +11,8 @@ from medseg.tuning.space import SearchParam, parse_param, parse_space, suggest_o
 from medseg.tuning.study import (
     TuneResult,
     export_best_config,
+    fail_dead_trials,
+    finished_trials,
     load_study,
     objective_value,
     open_study,
@@ -25,6 +27,8 @@ __all__ = [
     "SearchParam",
     "TuneResult",
     "export_best_config",
+    "fail_dead_trials",
+    "finished_trials",
     "load_study",
     "mean_validation_dice",
     "objective_value",

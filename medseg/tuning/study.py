@@ -3,8 +3,16 @@
 A study lives in an RDB storage (``tune.storage``: sqlite under ``mlruns/`` by default, any
 SQLAlchemy URL). Its MLflow run is created once and its id kept as the study's user
 attribute ``mlflow_run_id``; every worker, in this process or another, attaches its trials
-to that run as nested runs. Workers stop when the study holds ``tune.n_trials`` trials, so
-running ``medseg tune`` again resumes an interrupted study.
+to that run as nested runs. Workers stop when the study holds ``tune.n_trials`` finished
+trials (:func:`finished_trials`), so running ``medseg tune`` again resumes an interrupted
+study.
+
+A running trial beats a heartbeat into the storage. A worker that dies (SIGKILL, OOM, a lost
+machine) stops beating; once its grace period is over, the next worker to start a trial, or
+the last worker before it stops, fails that trial, closes its MLflow run as FAILED and queues
+it once more while the study is short of ``tune.n_trials``. The retry resumes from the dead
+trial's checkpoints (``train.checkpoint_dir``), which are its own: every trial has a folder
+named after its number, so two trials drawing the same values never share checkpoints.
 """
 
 from __future__ import annotations
@@ -15,7 +23,10 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import tempfile
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +40,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from medseg.config import Config, ConfigError, TuneConfig
+from medseg.config import Config, ConfigError, TuneConfig, redact
 from medseg.tracking.lineage import git_state
 from medseg.tracking.run import run_training
 from medseg.tracking.store import configure, resolve_tracking_uri
@@ -46,7 +57,14 @@ TAG_STUDY = "optuna.study_name"
 TAG_TRIAL = "optuna.trial_number"
 TAG_STATE = "optuna.state"
 TAG_ERROR = "optuna.error"
+TAG_WORKER = "optuna.worker"
 _RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+# A running trial's heartbeat, in seconds. The grace period must outlast a heartbeat stuck
+# behind sqlite's 60 s lock wait (_storage) plus an interval, or a live trial is failed.
+HEARTBEAT_INTERVAL = 30
+GRACE_PERIOD = 120
+MAX_RETRY = 1  # a trial that killed its worker (OOM?) is tried once more, not forever
+DEAD_WORKER = "its worker stopped before the trial ended (killed?): no heartbeat"
 
 
 @dataclass
@@ -71,17 +89,28 @@ def resolve_storage(url: str) -> str:
     return url
 
 
-def _storage(url: str) -> optuna.storages.RDBStorage:
-    if not url.startswith("sqlite"):
-        return optuna.storages.RDBStorage(url)
-    # workers write concurrently: wait for sqlite's lock rather than fail at once. And
-    # sqlite has no SELECT ... FOR UPDATE: two workers could both read a queued trial as
-    # WAITING and both run it. Every transaction therefore takes the write lock when it
-    # begins (BEGIN IMMEDIATE; SQLAlchemy's pysqlite recipe), which makes Optuna's
-    # read-then-update of a trial's state atomic across processes.
-    storage = optuna.storages.RDBStorage(
-        url, engine_kwargs={"connect_args": {"timeout": 60, "isolation_level": None}}
-    )
+def _storage(url: str, on_dead_trial=None) -> optuna.storages.RDBStorage:
+    """The study's RDB storage, with heartbeats; ``on_dead_trial(study, trial)`` is called
+    (in a live worker) for each trial failed because its worker stopped beating."""
+    heartbeat = {
+        "heartbeat_interval": HEARTBEAT_INTERVAL,
+        "grace_period": GRACE_PERIOD,
+        "heartbeat_stale_trial_callback": on_dead_trial,
+    }
+    with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if not url.startswith("sqlite"):
+            return optuna.storages.RDBStorage(url, **heartbeat)
+        # workers write concurrently: wait for sqlite's lock rather than fail at once. And
+        # sqlite has no SELECT ... FOR UPDATE: two workers could both read a queued trial as
+        # WAITING and both run it. Every transaction therefore takes the write lock when it
+        # begins (BEGIN IMMEDIATE; SQLAlchemy's pysqlite recipe), which makes Optuna's
+        # read-then-update of a trial's state atomic across processes.
+        storage = optuna.storages.RDBStorage(
+            url,
+            engine_kwargs={"connect_args": {"timeout": 60, "isolation_level": None}},
+            **heartbeat,
+        )
 
     @sqlalchemy.event.listens_for(storage.engine, "begin")
     def _begin_immediate(connection):
@@ -111,7 +140,7 @@ def open_study(config: Config, worker: int = 0) -> optuna.Study:
         raise ConfigError(f"tune.direction={tune.direction!r}: use 'maximize' or 'minimize'")
     parse_space(tune.space)  # fail before any worker starts
     study = optuna.create_study(
-        storage=_storage(resolve_storage(tune.storage)),
+        storage=_storage(resolve_storage(tune.storage), _DeadTrials(config)),
         study_name=tune.study_name,
         direction=tune.direction,
         sampler=optuna.samplers.TPESampler(seed=config.seed + worker),
@@ -131,6 +160,103 @@ def load_study(config: Config) -> optuna.Study:
     return optuna.load_study(
         study_name=config.tune.study_name, storage=_storage(resolve_storage(config.tune.storage))
     )
+
+
+def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The trials that reached an outcome: COMPLETE, PRUNED, or FAIL from an error of
+    their own (recorded as their ``error`` attribute).
+
+    These count toward ``tune.n_trials``; a trial whose worker died or was interrupted
+    did not reach one, and the study runs another in its place.
+    """
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        or (t.state == optuna.trial.TrialState.FAIL and "error" in t.user_attrs)
+    ]
+
+
+def _close_run(
+    client: MlflowClient, run_id: str, state: str, error: str | None = None, status=None
+) -> None:
+    """End a trial's MLflow run with its trial's state (and why it failed)."""
+    if error is not None:
+        client.set_tag(run_id, TAG_ERROR, error[:4000])
+    client.set_tag(run_id, TAG_STATE, state)
+    client.set_terminated(run_id, status or _RUN_STATUS[state])
+
+
+class _DeadTrials:
+    """Called by the storage, in a live worker, for each trial failed because its worker
+    stopped beating: closes the trial's MLflow run (the dead process cannot) and queues the
+    trial once more (``MAX_RETRY``) while the study is short of ``tune.n_trials``."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        worker = trial.user_attrs.get("worker", "unknown")
+        message = f"{DEAD_WORKER} for {GRACE_PERIOD} s (worker {worker})"
+        log.warning("study %s trial %d: %s", study.study_name, trial.number, message)
+        run_id = trial.user_attrs.get(STUDY_RUN_ATTR)
+        if run_id:
+            try:
+                uri = resolve_tracking_uri(self.config.tracking.tracking_uri)
+                _close_run(MlflowClient(uri), run_id, "FAIL", message)
+            except Exception as err:  # the study's end closes it (_close_trial_runs)
+                log.warning("could not close MLflow run %s of trial %d: %s", run_id,
+                            trial.number, err)
+        if len(finished_trials(study)) < self.config.tune.n_trials:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self.retry(study, trial)
+
+
+def _silent_trials(study: optuna.Study, seconds: int) -> list[int]:
+    """Ids of the RUNNING trials whose last heartbeat is more than ``seconds`` old."""
+    storage = getattr(study._storage, "_backend", study._storage)  # under Optuna's cache
+    grace = storage.grace_period
+    storage.grace_period = seconds  # the storage's own query, with another threshold
+    try:
+        return storage._get_stale_trial_ids(study._study_id)
+    finally:
+        storage.grace_period = grace
+
+
+def fail_dead_trials(study: optuna.Study) -> int:
+    """Fail the trials whose worker stopped beating, waiting out their grace period.
+
+    Runs when a worker is done: a trial that missed two heartbeats is watched until it
+    beats again (a stalled but live worker) or its grace period is over, and then failed
+    (closing its MLflow run and queuing its retry, see ``_DeadTrials``). Trials of live
+    workers are left to them.
+
+    Returns
+    -------
+    int
+        How many trials were failed.
+    """
+    interval = study._storage.get_heartbeat_interval()
+    silent = _silent_trials(study, 2 * interval)
+    if not silent:
+        return 0
+    log.warning("trials %s have missed heartbeats: waiting up to %d s to fail them", silent,
+                GRACE_PERIOD)
+    deadline = time.monotonic() + GRACE_PERIOD + interval
+    running = set(silent)
+    while running and time.monotonic() < deadline:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        running &= set(_silent_trials(study, 2 * interval))
+        if running:
+            time.sleep(interval)
+    states = [study._storage.get_trial(t).state for t in silent]
+    return sum(s == optuna.trial.TrialState.FAIL for s in states)
 
 
 def _public_url(url: str) -> str:
@@ -161,7 +287,7 @@ def study_run(study: optuna.Study, config: Config, run_id: str | None = None) ->
     else:
         for key, value in tags.items():
             client.set_tag(run_id, key, value)
-    for key, value in config.to_flat_dict().items():
+    for key, value in config.to_flat_dict(redacted=True).items():
         if key.startswith(("tune.", "tracking.")) or key == "seed":
             client.log_param(run_id, key, json.dumps(value) if isinstance(value, list) else value)
     study.set_user_attr(STUDY_RUN_ATTR, run_id)
@@ -194,6 +320,23 @@ def objective_value(result: ExperimentResult, metrics: dict[str, float], name: s
     return float(metrics[name])
 
 
+def _checkpoint_dir(config: Config, trial: optuna.Trial) -> str | None:
+    """The trial's own checkpoint folder under ``train.checkpoint_dir`` (None without one).
+
+    Named after the trial's number (a retry: the number of the trial it retries, so it
+    resumes from that trial's checkpoints): two trials that draw the same values, which the
+    config hash of ``checkpoint_directory`` cannot tell apart, never resume from or prune
+    each other's checkpoints.
+    """
+    if not config.train.checkpoint_dir:
+        return None
+    number = trial.storage.get_trial_system_attrs(trial._trial_id).get(
+        "failed_trial", trial.number
+    )
+    study = re.sub(r"[^\w.-]", "_", trial.study.study_name)  # a folder name
+    return str(Path(config.train.checkpoint_dir) / f"{study}-trial-{number:04d}")
+
+
 class _Objective:
     def __init__(self, config: Config, parent_run_id: str, worker: int = 0) -> None:
         self.config = config
@@ -207,25 +350,30 @@ class _Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         tune = self.config.tune
-        overrides = suggest_overrides(trial, self.params)
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=f"{trial.study.study_name}-trial-{trial.number}",
-            tags={
-                MLFLOW_PARENT_RUN_ID: self.parent_run_id,
-                TAG_STUDY: trial.study.study_name,
-                TAG_TRIAL: str(trial.number),
-                TAG_STATE: "RUNNING",
-                "optuna.params": json.dumps(overrides),
-                "optuna.worker": f"{self.worker} (pid {os.getpid()})",
-            },
-        )
-        run_id = run.info.run_id
-        trial.set_user_attr(STUDY_RUN_ATTR, run_id)
-        state = "FAIL"
+        worker = f"{self.worker} (pid {os.getpid()})"
+        trial.set_user_attr("worker", worker)  # who to blame when its heartbeat stops
+        run_id = None
+        state, error, status = "FAIL", None, None
         try:
+            overrides = suggest_overrides(trial, self.params)
+            run_id = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{trial.study.study_name}-trial-{trial.number}",
+                tags={
+                    MLFLOW_PARENT_RUN_ID: self.parent_run_id,
+                    TAG_STUDY: trial.study.study_name,
+                    TAG_TRIAL: str(trial.number),
+                    TAG_STATE: "RUNNING",
+                    "optuna.params": json.dumps(overrides),
+                    TAG_WORKER: worker,
+                },
+            ).info.run_id
+            trial.set_user_attr(STUDY_RUN_ATTR, run_id)
             config = self.config.with_overrides({**overrides, "tracking.run_name": None})
-            trial.set_user_attr("config", config.to_dict())
+            trial.set_user_attr("config", config.to_dict(redacted=True))  # the user's checkpoint_dir
+            checkpoints = _checkpoint_dir(config, trial)
+            if checkpoints:
+                config = config.with_overrides({"train.checkpoint_dir": checkpoints})
             callbacks = []
             if tune.pruner != "none":
                 callbacks.append(DicePruningCallback(trial, tune.prune_metric))
@@ -240,42 +388,75 @@ class _Objective:
             state = "PRUNED"
             raise
         except Exception as err:
-            message = f"{type(err).__name__}: {err}"
-            trial.set_user_attr("error", message)
-            self.client.set_tag(run_id, TAG_ERROR, message[:4000])
+            error = redact(f"{type(err).__name__}: {err}")  # a URL in it keeps no password
+            trial.set_user_attr("error", error)  # an outcome: counts toward n_trials
+            raise
+        except BaseException as err:  # Ctrl-C, SystemExit: no outcome, a resume reruns it
+            error, status = f"interrupted ({type(err).__name__})", "KILLED"
             raise
         finally:
-            self.client.set_tag(run_id, TAG_STATE, state)
-            self.client.set_terminated(run_id, _RUN_STATUS[state])
-            keras.backend.clear_session()  # trials share the process: free the last graph
+            try:
+                if run_id is not None:
+                    _close_run(self.client, run_id, state, error, status)
+            finally:
+                keras.backend.clear_session()  # trials share the process: free the graph
+
+
+def _stop_when_finished(n_trials: int):
+    """An ``optimize`` callback stopping the study once it holds ``n_trials`` finished
+    trials (Optuna's ``MaxTrialsCallback``, counting :func:`finished_trials`)."""
+
+    def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if len(finished_trials(study)) >= n_trials:
+            study.stop()
+
+    return stop
 
 
 def optimize(config: Config, worker: int = 0, study_run_id: str | None = None) -> None:
-    """Run trials of the study until it holds ``tune.n_trials`` (or ``tune.timeout`` passes).
+    """Run trials of the study until it holds ``tune.n_trials`` finished trials (or
+    ``tune.timeout`` passes).
 
     One worker; several may run this at once, in any processes, on the same storage.
     Failed trials are recorded (state FAIL, error in the trial's ``error`` attribute and
-    its run's ``optuna.error`` tag) and the study goes on.
+    its run's ``optuna.error`` tag) and the study goes on. A trial whose worker died is
+    failed by this worker (:func:`fail_dead_trials`, before each trial and when done) and
+    retried once while the study is short of ``tune.n_trials``.
     """
     tune = config.tune
     study = open_study(config, worker)
     parent = study_run(study, config, study_run_id)
-    if len(study.trials) >= tune.n_trials:
-        return
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(
-        _Objective(config, parent, worker),
-        n_trials=tune.n_trials,
-        timeout=tune.timeout,
-        catch=(Exception,),
-        callbacks=[optuna.study.MaxTrialsCallback(tune.n_trials, states=None)],
-        gc_after_trial=True,
-    )
+    deadline = None if tune.timeout is None else time.monotonic() + tune.timeout
+    objective = None
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if len(finished_trials(study)) < tune.n_trials and (left is None or left > 0):
+            objective = objective or _Objective(config, parent, worker)
+            study.optimize(
+                objective,
+                n_trials=tune.n_trials,
+                timeout=left,
+                catch=(Exception,),
+                callbacks=[_stop_when_finished(tune.n_trials)],
+                gc_after_trial=True,
+            )
+        # no worker may leave a dead one's trial RUNNING; its retry is run here
+        if not fail_dead_trials(study) or len(finished_trials(study)) >= tune.n_trials:
+            return
 
 
 def _worker(config_json: str, worker: int, study_run_id: str, cwd: str) -> None:
     os.chdir(cwd)
     optimize(Config.from_dict(json.loads(config_json)), worker, study_run_id)
+
+
+def _error(trial: optuna.trial.FrozenTrial) -> str | None:
+    if "error" in trial.user_attrs:
+        return trial.user_attrs["error"]
+    if trial.state == optuna.trial.TrialState.FAIL:  # no outcome of its own
+        return f"{DEAD_WORKER} or interrupted (worker {trial.user_attrs.get('worker', '?')})"
+    return None
 
 
 def trial_table(study: optuna.Study) -> list[dict[str, Any]]:
@@ -287,7 +468,7 @@ def trial_table(study: optuna.Study) -> list[dict[str, Any]]:
             "value": t.value,
             "params": t.params,
             "mlflow_run_id": t.user_attrs.get(STUDY_RUN_ATTR),
-            "error": t.user_attrs.get("error"),
+            "error": _error(t),
         }
         for t in sorted(study.trials, key=lambda t: t.number)
     ]
@@ -334,6 +515,22 @@ def _log_summary(client: MlflowClient, run_id: str, study: optuna.Study, best: P
         client.log_metric(run_id, f"trials_{state.lower()}", sum(r["state"] == state for r in rows))
 
 
+def _close_trial_runs(client: MlflowClient, parent: str, study: optuna.Study) -> None:
+    """End the nested runs left RUNNING whose trial has ended (a dead worker's, when the
+    worker that failed its trial could not reach MLflow); live trials' runs are left."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    experiment = client.get_run(parent).info.experiment_id
+    runs = client.search_runs(
+        [experiment],
+        filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{parent}' and attributes.status = 'RUNNING'",
+        max_results=10000,
+    )
+    for run in runs:
+        trial = trials.get(int(run.data.tags.get(TAG_TRIAL, -1)))
+        if trial is not None and trial.state.is_finished():
+            _close_run(client, run.info.run_id, trial.state.name, _error(trial))
+
+
 def tune(
     config: Config,
     workers: int | None = None,
@@ -366,8 +563,30 @@ def tune(
         raise ConfigError(f"tune.workers={workers}: need at least 1")
     study = open_study(config)
     parent = study_run(study, config, study_run_id)
+    status = RunStatus.FAILED
+    try:
+        result = _run_workers(config, workers, parent, best_config)
+        status = RunStatus.FINISHED
+        return result
+    except KeyboardInterrupt:
+        status = RunStatus.KILLED
+        raise
+    finally:  # never leave the study's run, or a trial's, RUNNING
+        client = MlflowClient(mlflow.get_tracking_uri())
+        try:
+            _close_trial_runs(client, parent, load_study(config))
+        except Exception as err:  # do not hide the error that brought us here
+            log.warning("could not close the trial runs of study run %s: %s", parent, err)
+        if study_run_id is None and client.get_run(parent).info.status == "RUNNING":
+            client.set_terminated(parent, RunStatus.to_string(status))
+
+
+def _run_workers(
+    config: Config, workers: int, parent: str, best_config: str | Path | None
+) -> TuneResult:
     if workers == 1:
         optimize(config, 0, parent)
+        failed = []
     else:
         # spawn, not fork: TensorFlow's runtime does not survive a fork
         context = multiprocessing.get_context("spawn")
@@ -382,11 +601,8 @@ def tune(
         for p in processes:
             p.join()
         failed = [i for i, p in enumerate(processes) if p.exitcode != 0]
-        if failed:
-            raise RuntimeError(
-                f"tuning workers {failed} exited with codes "
-                f"{[processes[i].exitcode for i in failed]}; the study keeps their trials"
-            )
+        if failed:  # no worker is left to fail their trials: this process does
+            fail_dead_trials(open_study(config))
     study = load_study(config)
     if best_config is None:
         best_config = Path(config.tracking.artifact_root) / "tuning" / study.study_name / (
@@ -398,8 +614,17 @@ def tune(
         best_path = None
     client = MlflowClient(mlflow.get_tracking_uri())
     _log_summary(client, parent, study, best_path)
-    if study_run_id is None and client.get_run(parent).info.status == "RUNNING":
-        client.set_terminated(parent, RunStatus.to_string(RunStatus.FINISHED))
+    if failed:
+        codes = [processes[i].exitcode for i in failed]
+        finished = len(finished_trials(study))
+        if finished < config.tune.n_trials:
+            raise RuntimeError(
+                f"tuning workers {failed} exited with codes {codes}; study "
+                f"{study.study_name!r} holds {finished} of tune.n_trials="
+                f"{config.tune.n_trials} finished trials: run medseg tune again to resume it"
+            )
+        log.warning("tuning workers %s exited with codes %s; the others finished the study",
+                    failed, codes)
     best = study.best_trial if best_path is not None else None
     return TuneResult(
         study_name=study.study_name,
