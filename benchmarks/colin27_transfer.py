@@ -19,6 +19,7 @@ the plan's probe. It builds the dataset if missing and takes the budget plus ~3 
 (planning probe, prediction of two 181 × 217 × 181 volumes, surface metrics).
 
     python benchmarks/colin27_transfer.py [--time-budget 10m] [--data-dir DIR] [--json]
+                                          [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def main() -> None:
     parser.add_argument("--time-budget", default="10m", help="training time to plan for")
     parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override (repeatable), e.g. augment.noise_probability=0.5")
     args = parser.parse_args()
 
     overrides = {
@@ -107,7 +110,7 @@ def main() -> None:
     }
     if args.data_dir:
         overrides["data.data_dir"] = args.data_dir
-    config = Config().with_overrides(overrides)
+    config = Config().with_overrides(overrides).with_overrides(list(args.set))
 
     t0 = time.perf_counter()
     setup = prepare_data(config)

@@ -342,3 +342,69 @@ def test_unknown_static_shapes_give_the_same_result(shape):
     ex, ey = _run(image, label, config, seed=(5, 6))
     np.testing.assert_allclose(x.numpy(), ex, atol=1e-4)
     np.testing.assert_array_equal(y.numpy(), ey)
+
+
+# -- bias field ------------------------------------------------------------------------------
+
+
+def numpy_bias_field(shape, coefficients, magnitude):
+    """The field by hand: degree-1 then degree-2 monomials of [-1, 1] coordinates."""
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    ndim = len(shape)
+    terms = [grids[i] for i in range(ndim)]
+    terms += [grids[i] * grids[j] for i in range(ndim) for j in range(i, ndim)]
+    f = sum(c * t for c, t in zip(coefficients, terms, strict=True))
+    return np.exp(magnitude * f / np.abs(f).max())
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 9), (8, 6)])
+def test_bias_field_matches_numpy_and_spans_the_magnitude(shape):
+    from medseg.pipeline.augment import bias_field
+
+    rng = np.random.default_rng(1)
+    ndim = len(shape)
+    coefficients = rng.uniform(-1, 1, ndim + ndim * (ndim + 1) // 2)
+    field = bias_field(shape, coefficients, 0.2).numpy()
+    np.testing.assert_allclose(field, numpy_bias_field(shape, coefficients, 0.2), rtol=1e-5)
+    # the normalised polynomial reaches ±1 at one end: the field reaches exp(±0.2) there
+    assert np.isclose(max(field.max(), 1 / field.min()), np.exp(0.2), rtol=1e-5)
+
+
+def test_bias_field_scales_the_signal_above_the_darkest_value():
+    from medseg.pipeline.augment import apply_bias_field
+
+    rng = np.random.default_rng(2)
+    image = rng.normal(size=(4, 5, 6, 2)).astype(np.float32)
+    field = rng.uniform(0.8, 1.2, size=(4, 5, 6)).astype(np.float32)
+    out = apply_bias_field(tf.constant(image), tf.constant(field)).numpy()
+    low = image.min(axis=(0, 1, 2))
+    np.testing.assert_allclose(out, (image - low) * field[..., None] + low, rtol=1e-5, atol=1e-6)
+    # the darkest voxel of each channel keeps its value
+    np.testing.assert_allclose(out.min(axis=(0, 1, 2)), low, atol=1e-6)
+
+
+def test_random_bias_field_is_seeded_off_by_default_and_leaves_labels_alone():
+    config = AugmentConfig(jit=False, enabled=True)
+    assert config.bias_field_probability == 0.0
+    only_bias = AugmentConfig(
+        jit=False, flip_probability=0.0, rotation_probability=0.0, scale_probability=0.0,
+        noise_probability=0.0, blur_probability=0.0, brightness_probability=0.0,
+        contrast_probability=0.0, lowres_probability=0.0, gamma_probability=0.0,
+        gamma_invert_probability=0.0, bias_field_probability=1.0,
+        bias_field_magnitude=(0.3, 0.3),
+    )
+    rng = np.random.default_rng(4)
+    image = tf.constant(rng.normal(size=(6, 8, 8, 1)).astype(np.float32))
+    label = tf.constant(rng.integers(0, 3, size=(6, 8, 8)).astype(np.int32))
+    seed = tf.constant([7, 1], tf.int64)
+    out, out_label = augment(image, label, only_bias, seed)
+    again, _ = augment(image, label, only_bias, seed)
+    np.testing.assert_array_equal(out.numpy(), again.numpy())
+    np.testing.assert_array_equal(out_label.numpy(), label.numpy())
+    # what it did is a field of exactly the drawn magnitude about the minimum
+    low = image.numpy().min()
+    ratio = (out.numpy() - low) / (image.numpy() - low + 1e-12)
+    inside = image.numpy() - low > 1e-3
+    assert np.isclose(max(ratio[inside].max(), 1 / ratio[inside].min()), np.exp(0.3), rtol=1e-2)
+    with pytest.raises(ValueError, match=r"augment.bias_field_magnitude=\[0.3, 0.1\]: low must"):
+        augment(image, label, AugmentConfig(bias_field_magnitude=(0.3, 0.1)), seed)

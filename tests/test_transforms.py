@@ -184,7 +184,8 @@ def test_the_builtin_augmentation_is_small_transform_objects_with_the_same_draws
     names = [type(t).__name__ for t in builtin_transforms(config)]
     assert names[:3] == ["RandomSpatial", "RandomRot90", "RandomFlip"]
     assert [t.name for t in builtin_transforms(config)[3:]] == [
-        "noise", "blur", "brightness", "contrast", "lowres", "gamma_inverted", "gamma"
+        "noise", "blur", "brightness", "contrast", "lowres", "gamma_inverted", "gamma",
+        "bias_field",
     ]
     rng = np.random.default_rng(3)
     image = tf.constant(rng.normal(size=(6, 12, 12, 1)).astype(np.float32))

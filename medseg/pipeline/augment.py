@@ -9,8 +9,8 @@
 2. 90° rotation in the plane of the last two spatial axes, and mirroring per axis:
    :class:`RandomRot90`, :class:`RandomFlip`;
 3. Gaussian noise, Gaussian blur, multiplicative brightness, contrast, low-resolution
-   simulation and gamma (also of the inverted image), as in nnU-Net: a
-   :class:`RandomIntensity` each.
+   simulation and gamma (also of the inverted image), as in nnU-Net, and a smooth
+   multiplicative bias field (MR; off by default): a :class:`RandomIntensity` each.
 
 Each is a small transform object ``(image, label, seed) -> (image, label)`` with fixed
 stream ids (:func:`builtin_transforms` lists them in order), the protocol of the user's
@@ -38,6 +38,7 @@ from medseg.pipeline.spatial import warp_jit
 # Fixed stream ids: the draws of one transform do not change when another is toggled.
 _ROTATE, _SCALE, _ELASTIC, _ROT90, _FLIP = 1, 2, 3, 4, 5
 _NOISE, _BLUR, _BRIGHTNESS, _CONTRAST, _LOWRES, _GAMMA_INV, _GAMMA = 6, 7, 8, 9, 10, 11, 12
+_BIAS = 13
 
 
 def augment(image, label, config: AugmentConfig, seed):
@@ -227,7 +228,16 @@ def _gamma_plain(x, config, key):
     return adjust_gamma(x, g, jit=config.jit)
 
 
-# name: (stream, probability key, op), in nnU-Net's order
+def _bias(x, config, key):
+    ndim = x.shape.rank - 1
+    terms = len(_monomials(ndim))
+    coefficients = tf.random.stateless_uniform([terms], seed=key(_BIAS, 1), minval=-1.0, maxval=1.0)
+    magnitude = _draw(key, _BIAS, config.bias_field_magnitude)
+    field = bias_field(tf.shape(x)[:-1], coefficients, magnitude)
+    return apply_bias_field(x, field)
+
+
+# name: (stream, probability key, op), in nnU-Net's order, then the bias field
 _INTENSITY = {
     "noise": (_NOISE, "noise_probability", _noise),
     "blur": (_BLUR, "blur_probability", _blur),
@@ -236,6 +246,7 @@ _INTENSITY = {
     "lowres": (_LOWRES, "lowres_probability", _lowres),
     "gamma_inverted": (_GAMMA_INV, "gamma_invert_probability", _gamma_inverted),
     "gamma": (_GAMMA, "gamma_probability", _gamma_plain),
+    "bias_field": (_BIAS, "bias_field_probability", _bias),
 }
 
 
@@ -246,7 +257,7 @@ def check_augment_config(config: AugmentConfig) -> None:
             raise ValueError(f"augment.{name}={value} must be in [0, 1]")
     for name in ("rotation_degrees", "scale_range", "elastic_magnitude", "noise_std",
                  "blur_sigma", "brightness_range", "contrast_range", "lowres_zoom",
-                 "gamma_range"):  # fmt: skip
+                 "gamma_range", "bias_field_magnitude"):  # fmt: skip
         lo, hi = getattr(config, name)
         if lo > hi:
             raise ValueError(f"augment.{name}={[lo, hi]}: low must not exceed high")
@@ -523,6 +534,52 @@ def gaussian_blur(image, sigma, radius: int) -> tf.Tensor:
             acc += kernel[t] * tf.slice(padded, begin, size)
         out = acc
     return out
+
+
+def _monomials(ndim: int) -> list[tuple[int, ...]]:
+    """Exponents of the polynomial terms of total degree 1 and 2 over ``ndim`` axes
+    (the constant is left out: a global gain is the brightness transform's)."""
+    terms = [tuple(int(a == i) for a in range(ndim)) for i in range(ndim)]
+    for i in range(ndim):
+        for j in range(i, ndim):
+            terms.append(tuple((a == i) + (a == j) for a in range(ndim)))
+    return terms
+
+
+def bias_field(shape, coefficients, magnitude) -> tf.Tensor:
+    """``exp(magnitude · f / max|f|)``, ``f = Σ c_t m_t``: a smooth multiplicative field.
+
+    ``m_t`` are the monomials of degree 1 and 2 (:func:`_monomials` order: ``x, y, z``,
+    then ``x², xy, xz, y², yz, z²``) of voxel coordinates scaled to ``[-1, 1]`` along each
+    axis; ``coefficients`` has one value per term. The field ranges over
+    ``[exp(-magnitude), exp(magnitude)]`` (reached at the patch's extremes of ``f``).
+
+    Returns
+    -------
+    tf.Tensor
+        ``shape`` float32.
+    """
+    shape = tf.convert_to_tensor(shape, tf.int32)
+    ndim = int(shape.shape[0])
+    axes = [tf.linspace(-1.0, 1.0, shape[i]) for i in range(ndim)]
+    grids = tf.meshgrid(*axes, indexing="ij")
+    coefficients = tf.cast(coefficients, tf.float32)
+    f = tf.zeros(shape, tf.float32)
+    for t, exponents in enumerate(_monomials(ndim)):
+        term = tf.ones(shape, tf.float32)
+        for axis, power in enumerate(exponents):
+            if power:
+                term = term * grids[axis] ** power
+        f = f + coefficients[t] * term
+    f = f / tf.maximum(tf.reduce_max(tf.abs(f)), 1e-8)
+    return tf.exp(tf.cast(magnitude, tf.float32) * f)
+
+
+def apply_bias_field(image, field) -> tf.Tensor:
+    """``(x - m) · field + m`` per channel, ``m`` the channel's minimum: the field scales
+    the signal above the darkest value (air and background carry no coil bias)."""
+    low = tf.reduce_min(image, _spatial_axes(image))
+    return (image - low) * field[..., None] + low
 
 
 def adjust_contrast(image, factor) -> tf.Tensor:

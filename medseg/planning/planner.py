@@ -51,7 +51,7 @@ MEMORY_FLOP_EQUIVALENT = 1000.0
 LOOP_OVERHEAD = 1.18
 CPU_RAM_SHARE = 0.5  # of the available RAM, for one training process
 # part of the cache key: bump whenever a rule or constant changes what a plan would be
-PLANNER_REVISION = 3
+PLANNER_REVISION = 4
 LOWRES_COVERAGE = 0.25  # nnU-Net: a low-resolution configuration below this patch coverage
 
 
@@ -65,6 +65,9 @@ class PlanOptions:
     preset: str = "default"
     validation_fraction: float = 0.25
     validation_patches: int = 8
+    # conv3d GFLOP/s (forward + backward) to assume instead of measuring it here: a plan
+    # for another machine, and tests whose outcome must not depend on this CPU
+    conv_gflops: float | None = None
 
     def check(self) -> None:
         if self.device not in DEVICES:
@@ -75,6 +78,8 @@ class PlanOptions:
             raise PlanError(f"plan.gpu_memory={self.gpu_memory}: must be a positive number of GB")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise PlanError(f"plan.time_budget={self.time_budget_s} s: must be positive")
+        if self.conv_gflops is not None and not self.conv_gflops > 0:
+            raise PlanError(f"conv_gflops={self.conv_gflops}: must be a positive GFLOP/s")
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
@@ -284,6 +289,8 @@ def plan_experiment(
            "per-image z-score: no dataset-wide clip")
     decide("preprocess.crop_to_nonzero", crop, "MR: background is 0 outside the anatomy"
            if crop else "CT: air is not 0; the whole field of view is kept")
+    bias_probability, why_bias = rules.bias_field_probability(modalities)
+    decide("augment.bias_field_probability", bias_probability, why_bias)
 
     # device and memory budget
     device = resolve_device(options.device)
@@ -404,6 +411,7 @@ def plan_experiment(
         time_budget_s=options.time_budget_s if device == "gpu" else time_budget,
         predicted_train_s=predicted,
         probe=probe_record,
+        bias_field_probability=bias_probability,
         decisions=tuple(decisions),
     )
 
@@ -477,7 +485,10 @@ def _fit_time(cand, spacing, median_shape, budget, options, in_channels, num_cla
     the conv throughput, then confirmed by timing the real step); set epochs × steps."""
     from medseg.planning.probe import measure_conv_throughput
 
-    throughput = measure_conv_throughput(repeats=5, warmup=1)
+    if options.conv_gflops:
+        throughput = {"gflops": options.conv_gflops, "seconds_per_step": None, "assumed": True}
+    else:
+        throughput = measure_conv_throughput(repeats=5, warmup=1)
     gflops = throughput["gflops"]
     scale = 1.0  # measured / predicted step time, from the probes
 

@@ -76,6 +76,8 @@ class ExperimentPlan:
     predicted_train_s: float | None = None
     # the CPU probe: seconds_per_step, conv_gflops, efficiency, probes
     probe: dict[str, Any] | None = None
+    # augment.bias_field_probability (0 in plans made before the rule: they run as before)
+    bias_field_probability: float = 0.0
     decisions: tuple[Decision, ...] = ()
     version: int = PLAN_VERSION
 
@@ -102,6 +104,7 @@ class ExperimentPlan:
             "patch.patch_size": list(self.patch_size),
             "patch.batch_size": self.batch_size,
             "patch.foreground_share": self.foreground_share,
+            "augment.bias_field_probability": self.bias_field_probability,
             "model.name": self.model,
             "model.depth": self.num_stages,
             "model.filters": self.widths[0],
@@ -178,8 +181,9 @@ class ExperimentPlan:
             )
         if self.device not in ("cpu", "gpu"):
             raise PlanError(f"{where}: field 'device' must be 'cpu' or 'gpu', got {self.device!r}")
-        if not 0.0 <= self.foreground_share <= 1.0:
-            raise PlanError(f"{where}: field 'foreground_share' must be in [0, 1]")
+        for name in ("foreground_share", "bias_field_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise PlanError(f"{where}: field {name!r} must be in [0, 1]")
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the plan as JSON, atomically (a temporary file, then a rename)."""
@@ -292,6 +296,7 @@ _FIELDS = {
     "time_budget_s": _optional(_number(True)),
     "predicted_train_s": _optional(_number(True)),
     "probe": _optional(_dict),
+    "bias_field_probability": _number(False),
     "decisions": _decisions,
     "version": _int(1),
 }

@@ -164,6 +164,7 @@ def _record(config, fingerprint, dataset, fingerprint_hash, modalities, topo, wi
         predicted_train_s=base.predicted_train_s if base and (train.epochs, train.steps_per_epoch)
         == (base.epochs, base.steps_per_epoch) else None,
         probe=base.probe if base else None,
+        bias_field_probability=config.augment.bias_field_probability,
     )
     if base is None:
         values["decisions"] = tuple(

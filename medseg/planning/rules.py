@@ -21,6 +21,7 @@ __all__ = [
     "MIN_FEATURE_MAP",
     "Topology",
     "batch_size",
+    "bias_field_probability",
     "initial_patch",
     "normalization_scheme",
     "resampled_shape",
@@ -232,6 +233,27 @@ def batch_size(
     if batch < minimum:
         rule += f", raised to the minimum {minimum}"
     return max(batch, minimum), rule
+
+
+MR_BIAS_FIELD_PROBABILITY = 0.3
+
+
+def bias_field_probability(modalities) -> tuple[float, str]:
+    """``(augment.bias_field_probability, why)`` from the channels' modalities.
+
+    CT has no coil bias (HU are physical): 0. Any other channel (MR) varies by a smooth
+    multiplicative field between scanners, coils and sessions that per-image z-scoring
+    cannot undo; training under random fields (TorchIO's RandomBiasField) lets a model
+    trained on one scanner's images read another's.
+    """
+    mr = [m for m in modalities if m.strip().upper() != "CT"]
+    if not mr:
+        return 0.0, "CT: no coil bias field (HU are physical)"
+    return (
+        MR_BIAS_FIELD_PROBABILITY,
+        f"{mr[0] or 'non-CT'}: smooth coil-bias fields differ between scanners; train "
+        "under random ones (TorchIO's RandomBiasField)",
+    )
 
 
 def normalization_scheme(modality: str, nonzero_share: float | None = None) -> tuple[str, bool, str]:
