@@ -10,7 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from medseg.config import Config, ConfigError
+from medseg.config import Config, ConfigError, redact
+from medseg.errors import TrainingDiverged
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -116,7 +117,21 @@ def _parser() -> argparse.ArgumentParser:
         help="a postprocessing.json to apply instead of the plan's (e.g. a medseg evaluate "
         "run's), or 'none' to write the raw prediction",
     )
-    p.add_argument("--overwrite", action="store_true", help="predict cases already written")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="predict every case again (by default a case whose outputs were made by the same "
+        "model and options is skipped; others are predicted again)",
+    )
+    p.add_argument(
+        "--keep-going", action="store_true",
+        help="a failing case does not stop the others; the failures are listed at the end "
+        "(exit status 2)",
+    )
+    p.add_argument(
+        "--max-voxels", type=int, metavar="N",
+        help="refuse a case whose preprocessed (resampled) grid is larger, before allocating "
+        "it (default 2**30: far above real scans, below a header's spacing in cm)",
+    )
     p.add_argument("--tracking-uri", default=Config().tracking.tracking_uri)
 
     p = sub.add_parser("tune", help="Optuna search over tune.space, trials as nested MLflow runs")
@@ -166,7 +181,9 @@ def cmd_build(args) -> None:
     builder = datasets.prepare(args.dataset, args.config, args.data_dir, args.manual_dir)
     fp = datasets.read_fingerprint(builder)
     print(f"built {builder.info.full_name} in {builder.data_dir}")
-    print(f"  cases: {fp.num_cases}  fingerprint: {fp.hash}")
+    # a split without cases (e.g. KiTS19's test cases not downloaded) is not built
+    splits = ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items())
+    print(f"  cases: {fp.num_cases}  fingerprint: {fp.hash}  splits: {splits}")
 
 
 def cmd_info(args) -> None:
@@ -221,7 +238,7 @@ def cmd_train(args) -> None:
     config = Config.from_file(args.config_file) if args.config_file else Config()
     config = config.with_overrides(args.overrides)
     if args.print_config:
-        print(config.to_json())
+        print(config.to_json(redacted=True))  # secrets stay in this process
         return
     from medseg.tracking import run_training
 
@@ -236,14 +253,14 @@ def cmd_train(args) -> None:
     if run_id is None:  # a multi-worker run's other workers: rank 0 logs
         print("this worker is not rank 0; the chief worker logs the MLflow run")
     else:
-        print(f"MLflow run {run_id} in {config.tracking.tracking_uri}; open it with: medseg ui")
+        print(f"MLflow run {run_id} in {redact(config.tracking.tracking_uri)}; open it with: medseg ui")
 
 
 def cmd_evaluate(args) -> None:
     config = Config.from_file(args.config_file) if args.config_file else Config()
     config = config.with_overrides(args.overrides)
     if args.print_config:
-        print(config.to_json())
+        print(config.to_json(redacted=True))  # secrets stay in this process
         return
     from medseg.tracking.evaluation import run_evaluation
 
@@ -259,7 +276,7 @@ def cmd_evaluate(args) -> None:
         from medseg.inference.postprocess import describe_postprocessing
 
         print(f"postprocessing: {describe_postprocessing(cv.postprocessing)}")
-    print(f"MLflow run {run_id} (folds nested) in {config.tracking.tracking_uri}")
+    print(f"MLflow run {run_id} (folds nested) in {redact(config.tracking.tracking_uri)}")
 
 
 def cmd_run(args) -> None:
@@ -299,6 +316,7 @@ def cmd_predict(args) -> None:
         load_model_file,
         predict_files,
     )
+    from medseg.inference.files import PredictionFailed, model_source
     from medseg.inference.postprocess import describe_postprocessing, load_postprocessing
 
     def load(model):
@@ -307,6 +325,11 @@ def cmd_predict(args) -> None:
         from medseg.tracking.model import load_model  # imports mlflow
 
         return load_model(model, args.tracking_uri)
+
+    def run_id_of(uri):  # the run that logged a models:/ URI, for the provenance record
+        from medseg.tracking.model import source_run_id
+
+        return source_run_id(uri, args.tracking_uri)
 
     ensemble = Ensemble.load(args.ensemble) if args.ensemble else None
     if ensemble is not None:
@@ -334,23 +357,33 @@ def cmd_predict(args) -> None:
         plan = dataclasses.replace(plan, postprocessing=decision)
     if plan.postprocessing:
         print(f"postprocessing: {describe_postprocessing(plan.postprocessing)}")
-    models = [load(model) for model in args.model]
-    # the inferer, configured once from the plan and these options (checked as config keys)
+    # the inferer, configured once from the plan and these options (checked as config keys),
+    # before any model is loaded: a refused option costs nothing
     inference = InferenceConfig(
         overlap=args.overlap,
         batch_size=args.batch_size,
         weighting=args.weighting,
         mirror_axes=(0, 1, 2) if args.mirror else (),
     )
-    written = predict_files(
-        models,
-        plan,
-        args.inputs,
-        args.output,
-        window=SlidingWindow.from_plan(plan, inference),
-        probabilities=args.probabilities,
-        overwrite=args.overwrite,
-    )
+    window = SlidingWindow.from_plan(plan, inference)
+    models = [load(model) for model in args.model]
+    try:
+        written = predict_files(
+            models,
+            plan,
+            args.inputs,
+            args.output,
+            window=window,
+            probabilities=args.probabilities,
+            overwrite=args.overwrite,
+            keep_going=args.keep_going,
+            sources=[model_source(model, run_id_of) for model in args.model],
+            # the library's default bound unless given (importing it here would import TF)
+            **({} if args.max_voxels is None else {"max_voxels": args.max_voxels}),
+        )
+    except PredictionFailed as err:
+        print(f"wrote {len(err.written)} file(s) to {args.output}")
+        raise  # main() prints the failed cases and exits with status 2
     print(f"wrote {len(written)} file(s) to {args.output}")
 
 
@@ -358,12 +391,12 @@ def cmd_tune(args) -> None:
     config = Config.from_file(args.config_file) if args.config_file else Config()
     config = config.with_overrides(args.overrides)
     if args.print_config:
-        print(config.to_json())
+        print(config.to_json(redacted=True))  # secrets stay in this process
         return
     from medseg.tuning import tune
 
     result = tune(config, workers=args.workers, best_config=args.best_config)
-    print(f"study {result.study_name} in {result.storage}: {len(result.trials)} trials")
+    print(f"study {result.study_name} in {redact(result.storage)}: {len(result.trials)} trials")
     for t in result.trials:
         value = "" if t["value"] is None else f"{t['value']:.4f}"
         print(f"  {t['number']:4d} {t['state']:9s} {value:>8s}  {t['params']}")
@@ -426,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, TrainingDiverged) as err:
         if os.environ.get("MEDSEG_DEBUG"):
             raise
         print(f"medseg {args.command}: error: {err}", file=sys.stderr)

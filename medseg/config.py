@@ -65,6 +65,38 @@ Preset = Literal["default", "resenc_m", "resenc_l"]
 # a transform named in the config: "package.module:attribute"
 TRANSFORM_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
+# -- secrets -----------------------------------------------------------------------------
+
+REDACTED = "***"
+# the password of a URL's user info (scheme://user:password@host), and credential-like
+# query parameters (?password=..., &token=...)
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^@/\s]+(?=@)")
+_QUERY_SECRET = re.compile(
+    r"(?P<head>[?&](?:password|passwd|pwd|token|secret|access_key|api_key)=)[^&#\s\"']+",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with every URL password and credential query value replaced by ``***``.
+
+    ``postgresql://user:secret@host/db`` becomes ``postgresql://user:***@host/db``. Used
+    wherever a config leaves the process (MLflow params and artifacts, Optuna attributes,
+    exported configs, logged notebooks); the real value stays only in memory.
+    """
+    text = _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED, text)
+    return _QUERY_SECRET.sub(lambda m: m.group("head") + REDACTED, text)
+
+
+def _redact_values(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redact_values(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_values(v) for v in value]
+    return value
+
 
 def parse_duration(text: str | float | int | None) -> float | None:
     """``"10m"``, ``"90s"``, ``"1h30m"``, ``"2.5m"`` or a number of seconds → seconds."""
@@ -241,6 +273,12 @@ class AugmentConfig(_Section):
     gamma_probability: float = 0.3
     gamma_range: tuple[float, float] = (0.7, 1.5)
     gamma_invert_probability: float = 0.1  # gamma of the inverted image
+    # a smooth multiplicative field (MR's coil inhomogeneity; TorchIO's RandomBiasField):
+    # exp(a · f), f a random 2nd-order polynomial over the patch scaled to [-1, 1], a drawn
+    # from the magnitude range; about the patch's darkest value (air has no bias). Off by
+    # default (nnU-Net has none); plans for MR switch it on
+    bias_field_probability: float = 0.0
+    bias_field_magnitude: tuple[float, float] = (0.05, 0.25)
     # the user's own transforms, "module:attribute" each (a callable (image, label, seed)
     # -> (image, label), or a class made without arguments), applied after the above with
     # their own seed streams (medseg.pipeline.transforms)
@@ -271,7 +309,9 @@ class LossConfig(_Section):
 class InferenceConfig(_Section):
     """Sliding-window prediction of whole cases."""
 
-    overlap: float = 0.5  # share of a patch overlapping its neighbour, per axis, in [0, 1)
+    # share of a patch overlapping its neighbour, per axis, in [0, 0.95): from 0.95 every
+    # voxel is predicted in thousands of windows (the sliding window refuses it too)
+    overlap: float = 0.5
     weighting: Weighting = "gaussian"  # merge of overlapping patches
     # test-time mirroring: average over every combination of flips along these spatial
     # axes (e.g. [0, 1, 2]: 8 predictions per patch); () is off
@@ -446,13 +486,16 @@ class Config:
         return Config.from_dict(values)._with_explicit(self.explicit_keys | set(overrides))
 
     # -- export --------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+    def to_dict(self, redacted: bool = False) -> dict[str, Any]:
+        """The config as a nested dict of JSON values; ``redacted``: URL passwords and
+        credential query values as ``***`` (:func:`redact`), for anything written or logged."""
+        values = json.loads(json.dumps(dataclasses.asdict(self)))
+        return _redact_values(values) if redacted else values
 
-    def to_flat_dict(self) -> dict[str, Any]:
+    def to_flat_dict(self, redacted: bool = False) -> dict[str, Any]:
         """``{"train.epochs": 20, ...}``: the form MLflow params and papermill take."""
         flat: dict[str, Any] = {}
-        for key, value in self.to_dict().items():
+        for key, value in self.to_dict(redacted).items():
             if isinstance(value, dict):
                 for sub, v in value.items():
                     flat[f"{key}.{sub}"] = v
@@ -460,11 +503,13 @@ class Config:
                 flat[key] = value
         return flat
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+    def to_json(self, redacted: bool = False) -> str:
+        return json.dumps(self.to_dict(redacted), indent=2, sort_keys=True)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        """Write the config as JSON, its secrets redacted: a file is shared, the secret
+        belongs to the process that was given it."""
+        Path(path).write_text(self.to_json(redacted=True) + "\n")
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -533,7 +578,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "train.early_stopping_patience": (lambda v: v >= 0, "≥ 0"),
     "train.min_delta": _NON_NEGATIVE,
     "loss.smooth": _NON_NEGATIVE,
-    "inference.overlap": _unit(),
+    "inference.overlap": (lambda v: 0 <= v < 0.95, "in [0, 0.95)"),
     "inference.batch_size": _AT_LEAST_1,
     "evaluation.folds": (lambda v: v >= 2, "≥ 2"),
     "evaluation.surface_tolerance_mm": _NON_NEGATIVE,
@@ -584,6 +629,17 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)  # resolves the string annotations: once per class
 
 
+def _finite(value: Any) -> bool:
+    """Whether a number, or every number in a tuple/list, is finite (others pass)."""
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, tuple | list):
+        return all(_finite(v) for v in value)
+    return True
+
+
 def _check_section(section: Any) -> None:
     name = _SECTION_NAMES.get(type(section), type(section).__name__)
     hints = _hints(type(section))
@@ -604,6 +660,8 @@ def _check_section(section: Any) -> None:
                 ok = False
             if not ok:
                 raise ConfigError(f"config key {key!r}: {value!r} is not {allowed}")
+        if not _finite(value):  # NaN fails no comparison of its own: refuse it by name
+            raise ConfigError(f"config key {key!r}: {value!r} is not a finite number")
         probability = f.name.endswith("_probability")
         if probability and not (isinstance(value, int | float) and 0 <= value <= 1):
             raise ConfigError(f"config key {key!r}: {value!r} is not a probability in [0, 1]")

@@ -288,8 +288,8 @@ def test_file_cache_is_reused_and_a_new_plan_gets_its_own(setup, tmp_path, monke
 
     real = cache_module.preprocess_case
 
-    def poisoned(image, label, spacing, plan):
-        image, label = real(image, label, spacing, plan)
+    def poisoned(image, label, spacing, plan, **kwargs):
+        image, label = real(image, label, spacing, plan, **kwargs)
         return image + 1e4, label
 
     monkeypatch.setattr(cache_module, "preprocess_case", poisoned)
@@ -355,3 +355,121 @@ def test_augmentation_applies_to_each_sampled_patch_and_its_labels(table):
     off = dataclasses.replace(flip, enabled=False)
     unchanged = _batches(training_dataset(table, len(table), patch, 3, 5, augment=off), 2)
     np.testing.assert_array_equal(unchanged[0][0], plain[0][0])
+
+
+# --- the file cache's writer lock ------------------------------------------------------
+
+SLOW_CACHE_WRITER = """
+import sys, time
+from pathlib import Path
+import tensorflow as tf
+from medseg.pipeline import cache
+
+cache.HEARTBEAT_S = 0.2  # refreshed often, so the test sees a beat
+
+def cases():
+    yield 1
+    time.sleep(600)  # hangs mid-write until killed
+    yield 2
+
+ds = tf.data.Dataset.from_generator(cases, output_signature=tf.TensorSpec((), tf.int64))
+root = Path(sys.argv[1])
+cache._write_file_cache(ds, root, root / "k")
+"""
+
+
+def _writer_lock_record(lock):
+    import json
+
+    return json.loads(lock.read_text())
+
+
+def test_cache_writer_killed_with_sigkill_is_stale_and_its_partial_removed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import medseg.pipeline.cache as cache_module
+
+    root = tmp_path / "cache"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CACHE_WRITER, str(root)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.time() + 120
+        while not (list(root.glob("k.partial-*.writer")) and list(root.glob("k.partial-*/"))):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, "the writer never started"
+            time.sleep(0.1)
+        (lock,) = root.glob("k.partial-*.writer")
+        (partial,) = (p for p in root.glob("k.partial-*") if p.is_dir())
+        first = _writer_lock_record(lock)
+        assert first["pid"] == proc.pid
+        # the heartbeat is refreshed while the writer writes
+        while _writer_lock_record(lock)["heartbeat"] <= first["heartbeat"]:
+            assert time.time() < deadline, "the heartbeat was never refreshed"
+            time.sleep(0.1)
+        # a live writer of this host: kept
+        assert not cache_module._writer_is_stale(lock)
+        cache_module._remove_stale_partials(root, "k")
+        assert partial.is_dir() and lock.is_file()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # killed: its heartbeat is still recent, but its PID on this host is dead
+    assert time.time() - _writer_lock_record(lock)["heartbeat"] < cache_module.WRITER_TIMEOUT_S
+    assert cache_module._writer_is_stale(lock)
+    # the next writer clears the dead one's partial write and writes the cache
+    cache_module._write_file_cache(tf.data.Dataset.range(3), root, root / "k")
+    assert sorted(p.name for p in root.iterdir()) == ["k"]
+    assert (root / "k" / "cases.index").is_file()
+    read = tf.data.Dataset.range(0).cache(str(root / "k" / "cases"))  # input unused: cached
+    assert [int(x) for x in read.as_numpy_iterator()] == [0, 1, 2]
+
+
+def test_cache_writer_lock_of_another_host_is_judged_by_its_heartbeat(tmp_path):
+    import json
+    import os
+    import time
+
+    import medseg.pipeline.cache as cache_module
+
+    root = tmp_path / "cache"
+    partial = root / "k.partial-elsewhere"
+    partial.mkdir(parents=True)
+    (partial / "cases_0.lockfile").write_text("")
+    lock = root / "k.partial-elsewhere.writer"
+    dead_pid = 2**22 + 12345  # above Linux's pid_max: no such process here
+
+    def write(host, pid, age):
+        record = {"host": host, "boot_id": "b", "pid": pid, "heartbeat": time.time() - age}
+        lock.write_text(json.dumps(record))
+
+    # another host's writer with a fresh heartbeat: its PID means nothing here, kept
+    write("node-17", dead_pid, age=5.0)
+    assert not cache_module._writer_is_stale(lock)
+    cache_module._remove_stale_partials(root, "k")
+    assert partial.is_dir() and lock.is_file()
+    # ... with a heartbeat older than the timeout: dead, removed with its partial write
+    write("node-17", dead_pid, age=cache_module.WRITER_TIMEOUT_S + 60)
+    assert cache_module._writer_is_stale(lock)
+    # this host, a live PID (ours) but no heartbeat for long: stale too (a reused PID)
+    mine = cache_module._host()
+    lock.write_text(json.dumps({**mine, "pid": os.getpid(), "heartbeat": time.time() - 1e4}))
+    assert cache_module._writer_is_stale(lock)
+    lock.write_text(json.dumps({**mine, "pid": os.getpid(), "heartbeat": time.time()}))
+    assert not cache_module._writer_is_stale(lock)
+    write("node-17", dead_pid, age=cache_module.WRITER_TIMEOUT_S + 60)
+    cache_module._remove_stale_partials(root, "k")
+    assert list(root.iterdir()) == []
+    # a partial folder without a lock is never a live writer's (an older medseg's, or
+    # its writer's lock was already cleared): removed
+    partial.mkdir()
+    cache_module._remove_stale_partials(root, "k")
+    assert list(root.iterdir()) == []

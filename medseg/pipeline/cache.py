@@ -4,10 +4,14 @@ and killed writers leave nothing half-written)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from medseg.io.atomic import write_atomically
 from medseg.pipeline.patches import (
     foreground_locations,
 )
@@ -24,6 +29,13 @@ from medseg.pipeline.preprocess import PreprocessPlan, preprocess_case
 from medseg.pipeline.reading import AUTOTUNE, graph_only, read_cases
 
 CACHE_FORMAT = 1
+
+# A file cache's writer refreshes its lock file (host, PID, heartbeat time) this often
+# while it writes; a lock not refreshed for WRITER_TIMEOUT_S is a dead writer's, whatever
+# its host (generous: it also absorbs clock skew between hosts sharing the cache).
+HEARTBEAT_S = 30.0
+WRITER_TIMEOUT_S = 600.0
+WRITER_SUFFIX = ".writer"
 
 
 def _case_seed(seed: int, case_id: tf.Tensor) -> tf.Tensor:
@@ -88,7 +100,9 @@ def preprocessed_cases(
 
     @graph_only
     def prepare(ex):
-        image, label = preprocess_case(ex["image"], ex["label"], ex["spacing"], plan)
+        image, label = preprocess_case(
+            ex["image"], ex["label"], ex["spacing"], plan, case_id=ex["case_id"]
+        )
         coords, classes = foreground_locations(label, num_classes, _case_seed(seed, ex["case_id"]))
         return {
             "case_id": ex["case_id"],
@@ -111,27 +125,116 @@ def preprocessed_cases(
 
 
 def _write_file_cache(ds: tf.data.Dataset, root: Path, final: Path) -> None:
-    """One pass of ``ds`` into a tf.data file cache at ``final/cases``, atomically."""
-    for stale in root.glob(f"{final.name}.partial-*"):
-        if not _alive(stale.name.split("-")[-2]):  # left by a killed run: never complete
-            shutil.rmtree(stale, ignore_errors=True)
-    partial = root / f"{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    partial.mkdir(parents=True)
-    try:
-        ds.cache(str(partial / "cases")).reduce(np.int64(0), lambda count, _: count + 1)
+    """One pass of ``ds`` into a tf.data file cache at ``final/cases``, atomically.
+
+    The cache is written into ``<key>.partial-<id>/`` beside ``final`` while its writer
+    lock ``<key>.partial-<id>.writer`` (:func:`_writer_lock`) is held, and renamed to
+    ``final`` once complete. Partial writes of dead writers (:func:`_writer_is_stale`)
+    are removed first.
+    """
+    _remove_stale_partials(root, final.name)
+    partial = root / f"{final.name}.partial-{uuid.uuid4().hex[:12]}"
+    # the lock exists before the partial folder and goes after it: a partial folder
+    # without its lock is never a live writer's
+    with _writer_lock(partial.with_name(partial.name + WRITER_SUFFIX)):
+        partial.mkdir(parents=True)
         try:
-            partial.rename(final)
-        except OSError:  # another process finished the same cache first: use theirs
-            if not (final / "cases.index").is_file():
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+            ds.cache(str(partial / "cases")).reduce(np.int64(0), lambda count, _: count + 1)
+            try:
+                partial.rename(final)
+            except OSError:  # another process finished the same cache first: use theirs
+                if not (final / "cases.index").is_file():
+                    raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
 
 
-def _alive(pid: str) -> bool:
+def _host() -> dict:
+    """This machine: host name and kernel boot id (containers on one host may share a
+    name with another machine; the boot id tells machines and reboots apart)."""
     try:
-        os.kill(int(pid), 0)
-    except (ValueError, OverflowError, ProcessLookupError):
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = ""
+    return {"host": socket.gethostname(), "boot_id": boot_id}
+
+
+def _write_lock(path: Path) -> None:
+    record = {**_host(), "pid": os.getpid(), "heartbeat": time.time()}
+    # atomically: a reader never sees half a lock
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(record), encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def _writer_lock(path: Path):
+    """Hold a cache writer's lock file at ``path``: host, PID and a heartbeat time,
+    refreshed every :data:`HEARTBEAT_S` by a background thread; removed on exit."""
+    _write_lock(path)
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(OSError):  # a full disk: the next beat tries again
+                _write_lock(path)
+
+    thread = threading.Thread(target=beat, name="medseg-cache-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        thread.join()
+        path.unlink(missing_ok=True)
+
+
+def _writer_is_stale(lock: Path, now: float | None = None) -> bool:
+    """Whether the cache writer of lock file ``lock`` is gone.
+
+    Stale when the lock is missing, when its heartbeat is older than
+    :data:`WRITER_TIMEOUT_S` (any host), or when it is this host's and its PID is
+    dead. A live PID on another host means nothing here: only the heartbeat counts.
+    """
+    now = time.time() if now is None else now
+    try:
+        record = json.loads(lock.read_text(encoding="utf-8"))
+        heartbeat = float(record["heartbeat"])
+        same_host = {k: record.get(k) for k in ("host", "boot_id")} == _host()
+        pid = int(record["pid"])
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError, TypeError, KeyError):
+        # not a lock this module wrote: judge it by its age alone
+        try:
+            return now - lock.stat().st_mtime > WRITER_TIMEOUT_S
+        except OSError:
+            return True
+    if now - heartbeat > WRITER_TIMEOUT_S:
+        return True
+    return same_host and not _alive(pid)
+
+
+def _remove_stale_partials(root: Path, key: str) -> None:
+    """Remove the partial writes of cache ``key`` whose writers are gone, and their locks."""
+    for entry in root.glob(f"{key}.partial-*"):
+        if entry.name.endswith(WRITER_SUFFIX):
+            # a lock without its folder: a writer killed before it made the folder
+            folder = entry.with_name(entry.name[: -len(WRITER_SUFFIX)])
+            if not folder.exists() and _writer_is_stale(entry):
+                entry.unlink(missing_ok=True)
+            continue
+        lock = entry.with_name(entry.name + WRITER_SUFFIX)
+        if _writer_is_stale(lock):  # left by a killed run: never complete
+            shutil.rmtree(entry, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host."""
+    if pid <= 0:  # 0 and negatives address process groups, not one process
+        return False
+    try:
+        os.kill(pid, 0)
+    except (OverflowError, ProcessLookupError):
         return False
     except PermissionError:  # someone else's live process
         return True

@@ -19,7 +19,8 @@ import papermill
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from medseg.config import TrackingConfig
+from medseg.config import TrackingConfig, redact
+from medseg.io.atomic import write_atomically
 from medseg.tracking.store import configure, resolve_tracking_uri
 
 OUTPUT_DIR = Path("mlruns") / "notebooks"
@@ -91,6 +92,9 @@ def run_notebook(
         raise
     finally:
         if output.exists():
+            # the injected parameters cell holds the tracking URI (and whatever else was
+            # passed): no password leaves this process, on disk or in the store
+            write_atomically(output, lambda tmp: tmp.write_text(redact(output.read_text())))
             client.log_artifact(run_id, str(output), "notebooks")
     if client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id)  # a notebook that never opened the run

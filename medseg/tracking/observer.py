@@ -21,7 +21,7 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from medseg.config import Config
+from medseg.config import Config, redact
 from medseg.evaluation.metrics import summarize, wide_scores
 from medseg.evaluation.protocols import Fold
 from medseg.inference.postprocess import Components
@@ -40,10 +40,11 @@ FOLD_TAG = "medseg.fold"
 
 
 def config_params(config: Config) -> dict[str, str]:
-    """The config as MLflow params: every ``section.key``, lists and dicts as JSON."""
+    """The config as MLflow params: every ``section.key``, lists and dicts as JSON, URL
+    passwords redacted (``***``)."""
     return {
         k: json.dumps(v) if isinstance(v, list | dict) else str(v)
-        for k, v in config.to_flat_dict().items()
+        for k, v in config.to_flat_dict(redacted=True).items()
     }
 
 
@@ -163,14 +164,15 @@ class MlflowObserver(Observer):
             else:
                 if result.transforms:  # the user's own, as module:name (API ones included)
                     mlflow.log_param("augment.transforms", json.dumps(result.transforms))
-                artifacts.log_result(result)
-                if self._fold is not None:
-                    artifacts.log_case_postprocessing(result)
-                    mlflow.log_dict(self._fold.to_dict(), artifacts.FOLD)
+                # the model first: what follows (plots of a whole case) must never lose it
                 if result.config.tracking.log_model:
                     from medseg.tracking.model import log_model
 
                     log_model(result.model, result.config.tracking.register_model)
+                artifacts.log_result(result)
+                if self._fold is not None:
+                    artifacts.log_case_postprocessing(result)
+                    mlflow.log_dict(self._fold.to_dict(), artifacts.FOLD)
         except BaseException:
             self._end(RunStatus.FAILED)
             raise
@@ -181,6 +183,9 @@ class MlflowObserver(Observer):
     def run_failed(self, error: BaseException) -> None:
         if self._active:
             interrupted = isinstance(error, KeyboardInterrupt)
+            if not interrupted:  # why, on the run's page (MLflow keeps no traceback)
+                message = redact(f"{type(error).__name__}: {error}")
+                mlflow.set_tag("medseg.error", message[:4000])
             self._end(RunStatus.KILLED if interrupted else RunStatus.FAILED)
 
     def _end(self, status) -> None:

@@ -11,7 +11,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from medseg.config import TrackingConfig  # noqa: E402
+from medseg.config import TrackingConfig, redact  # noqa: E402
 
 
 def resolve_tracking_uri(uri: str, base: Path | None = None) -> str:
@@ -20,6 +20,9 @@ def resolve_tracking_uri(uri: str, base: Path | None = None) -> str:
     MLflow resolves relative sqlite paths against the process's working directory, which
     differs between the CLI, a notebook kernel and the UI; an absolute URI means one store.
     """
+    if redact(uri) != uri:
+        # MLflow prints "View run ... at: <uri>" when a run ends: not with a password in it
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         path = (base or Path.cwd()) / uri[len(prefix) :]

@@ -1,5 +1,6 @@
 """Training: strategies, compiled models, the training loops, checkpoints and resume."""
 
+from medseg.errors import TrainingDiverged
 from medseg.training.checkpoint import (
     EpochCheckpoint,
     latest_checkpoint,
@@ -8,6 +9,7 @@ from medseg.training.checkpoint import (
 )
 from medseg.training.loop import custom_fit
 from medseg.training.optimization import (
+    StopOnNonFiniteLoss,
     make_learning_rate,
     make_optimizer,
     monitor_mode,
@@ -31,6 +33,8 @@ from medseg.training.trainer import (
 
 __all__ = [
     "EpochCheckpoint",
+    "StopOnNonFiniteLoss",
+    "TrainingDiverged",
     "build_compiled_model",
     "custom_fit",
     "describe_devices",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 
 from medseg.config import TrainConfig
+from medseg.errors import TrainingDiverged
 
 OPTIMIZERS = ("adam", "sgd", "adamw")
 SCHEDULES = ("poly", "cosine", "plateau", "constant")
@@ -107,3 +110,29 @@ def training_callbacks(config: TrainConfig, has_validation: bool) -> list[keras.
             )
         )
     return callbacks
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Raise :class:`TrainingDiverged` at the end of an epoch whose loss is NaN or infinite.
+
+    Raising (not ``stop_training``) is the point: the workflow then ends its run FAILED
+    and logs no model, where a stopped run would look finished. Placed before the
+    checkpoint callback, so no checkpoint holds the diverged weights.
+    """
+
+    def __init__(self, config: TrainConfig):
+        super().__init__()
+        self.config = config
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None or math.isfinite(float(loss)):
+            return
+        c = self.config
+        clip = f"train.clip_norm={c.clip_norm}" if c.clip_norm else "no train.clip_norm"
+        raise TrainingDiverged(
+            f"training diverged: the loss is {float(loss)} at epoch {epoch + 1} "
+            f"(train.learning_rate={c.learning_rate}, train.optimizer={c.optimizer!r}, {clip}); "
+            "lower train.learning_rate or set train.clip_norm, and check the images for "
+            "NaN or extreme values"
+        )

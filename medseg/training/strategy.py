@@ -3,8 +3,11 @@ in a multi-worker cluster (from ``TF_CONFIG``, without starting TensorFlow)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import socket
+import warnings
 
 import tensorflow as tf
 
@@ -102,7 +105,44 @@ def _mirrored() -> tf.distribute.Strategy:
     )
 
 
+def public_hosts(spec: dict | None = None) -> list[str]:
+    """The ``host:port`` entries of ``TF_CONFIG``'s cluster that are neither loopback nor in
+    a private range (RFC 1918, link-local, unique-local IPv6), resolved where they are names.
+
+    TensorFlow's gRPC workers listen on every interface without authentication (its
+    design): anyone who can reach the port can run ops in the worker. A name that does not
+    resolve counts as public (it cannot be shown to be private).
+    """
+    cluster = (cluster_spec() if spec is None else spec).get("cluster", {})
+    exposed = []
+    for entries in cluster.values():
+        for entry in entries:
+            host = str(entry).rsplit(":", 1)[0].strip("[]")
+            try:
+                addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+            except (socket.gaierror, UnicodeError):
+                addresses = set()
+            private = addresses and all(
+                ipaddress.ip_address(a.split("%")[0]).is_private
+                or ipaddress.ip_address(a.split("%")[0]).is_loopback
+                for a in addresses
+            )
+            if not private:
+                exposed.append(str(entry))
+    return exposed
+
+
 def _multiworker() -> tf.distribute.Strategy:
+    exposed = public_hosts()
+    if exposed:
+        warnings.warn(
+            f"TF_CONFIG names workers on public addresses ({', '.join(exposed)}): "
+            "TensorFlow's gRPC workers accept unauthenticated connections from anyone who "
+            "can reach their port; keep the cluster on a private network or behind a "
+            "firewall (README, Training)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if worker_count() < 2:
         raise ValueError(
             "train.strategy='multiworker' needs TF_CONFIG listing the cluster's workers "

@@ -23,7 +23,7 @@ from medseg.training.checkpoint import (
     restore_checkpoint,
 )
 from medseg.training.loop import custom_fit
-from medseg.training.optimization import make_optimizer, training_callbacks
+from medseg.training.optimization import StopOnNonFiniteLoss, make_optimizer, training_callbacks
 
 PRECISIONS = ("auto", "float32", "mixed_float16")
 LOOPS = ("custom", "fit")
@@ -175,7 +175,7 @@ def fit(
     checkpoint = EpochCheckpoint(
         directory, history, controls, restored, {"steps_per_epoch": config.steps_per_epoch}
     )
-    every = [*controls, *callbacks, checkpoint]
+    every = [StopOnNonFiniteLoss(config), *controls, *callbacks, checkpoint]
     if len(model.outputs) > 1:
         every.insert(0, FullResolutionNames(model.output_names[0]))
     if initial_epoch >= config.epochs or _stopped(restored):
