@@ -101,7 +101,8 @@ def test_killed_training_resumes_to_the_same_weights_as_an_uninterrupted_run(
 
 
 def test_checkpoint_folder_is_one_per_training(tiny_config, tmp_path):
-    """Folds and trials sharing train.checkpoint_dir never resume from one another."""
+    """Folds sharing train.checkpoint_dir never resume from one another (tuning trials get
+    folders of their own: tests/test_tuning_faults.py)."""
     config = tiny_config(**{"train.checkpoint_dir": str(tmp_path)})
     folder = checkpoint_directory(config, ["c1", "c2"])
     assert Path(folder).parent == tmp_path

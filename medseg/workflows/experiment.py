@@ -154,8 +154,9 @@ def checkpoint_directory(config: Config, train_ids: Sequence[str]) -> str | None
 
     The key hashes everything that shapes training (the config less its tracking,
     inference, evaluation and tuning sections, plus the training cases), so a rerun of
-    an interrupted training resumes, while cross-validation folds and tuning trials that
-    share ``train.checkpoint_dir`` never resume from one another.
+    an interrupted training resumes, while cross-validation folds that share
+    ``train.checkpoint_dir`` never resume from one another. Tuning gives each trial its
+    own ``checkpoint_dir`` first: two trials drawing the same values hash alike.
     """
     if not config.train.checkpoint_dir:
         return None
