@@ -50,6 +50,7 @@ def custom_fit(
     callbacks: Sequence[keras.callbacks.Callback] = (),
     clip_norm: float | None = None,
     verbose: int = 2,
+    augment=None,
 ) -> dict[str, list[float]]:
     """Train a compiled ``model`` under its strategy, epochs ``initial_epoch`` … ``epochs - 1``.
 
@@ -68,6 +69,11 @@ def custom_fit(
         Keras callbacks, called as ``fit`` calls them; ``model.stop_training`` ends training.
     clip_norm : float, optional
         Bound of the global gradient norm.
+    augment : callable, optional
+        ``(x, y, step, first) -> (x, y)`` applied to each replica's share of global batch
+        ``step`` (its patches from ``first`` on) inside the compiled step, before the
+        forward pass (:class:`medseg.pipeline.batched.BatchAugmentation`,
+        ``augment.device="accelerator"``).
 
     Returns
     -------
@@ -84,8 +90,12 @@ def custom_fit(
         if not optimizer.built:
             optimizer.build(model.trainable_variables)
 
-    def train_step(batch):
+    def train_step(batch, step):
         x, y = batch
+        if augment is not None:
+            # the global batch is split over the replicas in order
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            x, y = augment(x, y, step, tf.cast(replica, tf.int32) * tf.shape(x)[0])
         with tf.GradientTape() as tape:
             y_pred = model(x, training=True)
             loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
@@ -107,8 +117,8 @@ def custom_fit(
         model.compute_metrics(x, y, y_pred, sample_weight=None)
 
     @tf.function
-    def distributed_train_step(batch):
-        strategy.run(train_step, args=(batch,))
+    def distributed_train_step(batch, step):
+        strategy.run(train_step, args=(batch, step))
 
     @tf.function
     def distributed_test_step(batch):
@@ -139,7 +149,9 @@ def custom_fit(
         callback_list.on_epoch_begin(epoch)
         for step in range(steps_per_epoch):
             callback_list.on_train_batch_begin(step)
-            distributed_train_step(next(train_iterator))
+            # the global step as a tensor: one trace for every step
+            global_step = tf.constant(epoch * steps_per_epoch + step, tf.int64)
+            distributed_train_step(next(train_iterator), global_step)
             callback_list.on_train_batch_end(step)
         logs = results(loss_tracker)
         if val_data is not None:

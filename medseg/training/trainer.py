@@ -129,6 +129,7 @@ def fit(
     verbose: int = 2,
     checkpoint_dir: str | None = None,
     train_start_step: int = 0,
+    augment=None,
 ) -> dict[str, list[float]]:
     """Train ``model`` for ``config.epochs`` × ``config.steps_per_epoch`` steps.
 
@@ -149,6 +150,9 @@ def fit(
     checkpoint_dir : str, optional
         Overrides ``config.checkpoint_dir``: where a checkpoint is written after every
         epoch and from whose latest checkpoint training resumes.
+    augment : callable, optional
+        Batch augmentation inside the compiled step (``augment.device="accelerator"``,
+        :class:`medseg.pipeline.batched.BatchAugmentation`); ``train.loop="custom"`` only.
 
     Returns
     -------
@@ -157,6 +161,12 @@ def fit(
     """
     if config.loop not in LOOPS:
         raise ValueError(f"train.loop={config.loop!r}: use one of {', '.join(LOOPS)}")
+    if augment is not None and config.loop != "custom":
+        raise ValueError(
+            f"augment.device='accelerator' augments inside medseg's training step, which "
+            f"train.loop={config.loop!r} does not run: set train.loop='custom' or "
+            "augment.device='cpu'"
+        )
     strategy = model.distribute_strategy
     if config.loop == "fit" and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         raise ValueError(
@@ -209,6 +219,7 @@ def fit(
             callbacks=every,
             clip_norm=config.clip_norm,
             verbose=verbose,
+            augment=augment,
         )
     return checkpoint.history
 
