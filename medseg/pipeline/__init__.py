@@ -1,10 +1,20 @@
 """``tf.data`` input pipelines: reading (``reading``), preprocessing (``preprocess``),
 the cache of preprocessed cases (``cache``), the stateless patch stream (``dataset``)."""
 
-from medseg.pipeline.cache import CaseTable, cache_key, preprocessed_cases
+from medseg.pipeline.cache import (
+    CaseTable,
+    ShardedCases,
+    cache_key,
+    preprocessed_cases,
+    sharded_cases,
+    write_case_shards,
+)
 from medseg.pipeline.dataset import (
     case_order,
     check_patch_config,
+    describe_stream_memory,
+    resident_cases,
+    stream_memory,
     training_dataset,
     validation_dataset,
 )
@@ -27,12 +37,14 @@ from medseg.pipeline.reading import check_patch_fits, read_case_ids, read_cases,
 __all__ = [
     "CaseTable",
     "PreprocessPlan",
+    "ShardedCases",
     "anisotropic_axis",
     "cache_key",
     "case_order",
     "check_patch_config",
     "check_patch_fits",
     "crop_to_box",
+    "describe_stream_memory",
     "nonzero_box",
     "normalize",
     "one_hot",
@@ -45,7 +57,11 @@ __all__ = [
     "resample",
     "resample_labels",
     "resampled_shape",
+    "resident_cases",
+    "sharded_cases",
     "split_cases",
+    "stream_memory",
     "training_dataset",
     "validation_dataset",
+    "write_case_shards",
 ]

@@ -10,14 +10,26 @@ of the stream) takes its case from a seeded permutation of the cases for round
 the stateless seed ``(seed, e)``. Nothing depends on what was drawn before, so a pipeline
 started at ``start_step`` yields exactly the batches an uninterrupted one yields from
 there (kill and resume), and parallel maps cannot change what an element is.
+
+Bounded memory (``patch.cases_in_memory = R`` with cases in shards on disk,
+:class:`~medseg.pipeline.cache.ShardedCases`; MONAI's SmartCache idea, kept stateless):
+the stream is cut into phases of ``patch.replace_every`` steps. In phase ``p`` the
+resident cases are a window of ``R`` consecutive entries of a permutation of the cases
+seeded by ``seed`` (:func:`resident_cases`), shifted by ``r`` (``patch.replace_share``
+of ``R``) per phase, so consecutive phases share ``R - r`` cases and only ``r`` are read
+from disk, ahead of time, while the previous phase trains. Element ``e`` takes slot
+``case_order(e, R, seed)`` of its phase's window: still a pure function of
+``(seed, e)``, so resume stays exact. Resident are the ``R`` cases of the current phase
+plus the ``r`` being loaded for the next.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from medseg.config import PatchConfig
-from medseg.pipeline.cache import CaseTable, _as_table
+from medseg.pipeline.cache import CaseTable, ShardedCases, _as_table, _check_count
 from medseg.pipeline.patches import (
     pad_case,
     sample_patch,
@@ -43,6 +55,18 @@ def check_patch_config(patch: PatchConfig) -> None:
             raise ValueError(f"patch.{key}={getattr(patch, key)} must be ≥ {low}")
     if min(patch.patch_size) < 1:
         raise ValueError(f"patch.patch_size={list(patch.patch_size)} must be positive")
+    if patch.cases_in_memory is not None and patch.cases_in_memory < 1:
+        raise ValueError(
+            f"patch.cases_in_memory={patch.cases_in_memory} must be ≥ 1, or null to keep "
+            "every case in memory"
+        )
+    if patch.replace_every < 1:
+        raise ValueError(f"patch.replace_every={patch.replace_every} must be ≥ 1 (steps)")
+    if not 0.0 < patch.replace_share <= 1.0:
+        raise ValueError(
+            f"patch.replace_share={patch.replace_share} must be in (0, 1]: the share of the "
+            "resident cases replaced every patch.replace_every steps"
+        )
     if patch.mode == "slice" and patch.patch_size[0] % 2 == 0:
         raise ValueError(
             f"patch.patch_size={list(patch.patch_size)}: slice mode needs an odd slab "
@@ -59,6 +83,67 @@ def case_order(index: tf.Tensor, num_cases: int, seed: int) -> tf.Tensor:
     return order[index % num_cases]
 
 
+def replaced_per_phase(cases_in_memory: int, replace_share: float) -> int:
+    """Cases swapped in per phase: ``replace_share`` of the window, at least one."""
+    return min(cases_in_memory, max(1, round(cases_in_memory * replace_share)))
+
+
+def residence_order(num_cases: int, seed: int) -> np.ndarray:
+    """The seeded permutation of the cases that the resident window slides along."""
+    return np.random.default_rng([seed, 14]).permutation(num_cases)
+
+
+def resident_cases(
+    phase: int, num_cases: int, cases_in_memory: int, replace_share: float, seed: int
+) -> np.ndarray:
+    """Case indices resident in ``phase`` (slot order): entries ``p*r .. p*r + R - 1``
+    (cyclically) of :func:`residence_order`, so every case is resident once per
+    ``num_cases / r`` phases."""
+    r = replaced_per_phase(cases_in_memory, replace_share)
+    positions = (phase * r + np.arange(min(cases_in_memory, num_cases))) % num_cases
+    return residence_order(num_cases, seed)[positions]
+
+
+def stream_memory(cases, num_cases: int, patch: PatchConfig) -> tuple[int, int | None]:
+    """Planned ``(resident cases, their bytes)`` of :func:`training_dataset` on ``cases``.
+
+    Bytes are the largest cases' (an upper bound); None for cases not preprocessed yet
+    (a dataset: all ``num_cases`` are read into memory).
+    """
+    if isinstance(cases, CaseTable):
+        fields = zip(cases.images, cases.labels, cases.coords, cases.classes, strict=True)
+        return len(cases), sum(
+            sum(t.shape.num_elements() * t.dtype.size for t in f) for f in fields
+        )
+    if not isinstance(cases, ShardedCases):
+        return num_cases, None
+    resident = len(cases)
+    if patch.cases_in_memory is not None and patch.cases_in_memory < len(cases):
+        window = patch.cases_in_memory
+        resident = window + replaced_per_phase(window, patch.replace_share)
+    return resident, sum(sorted(cases.nbytes, reverse=True)[:resident])
+
+
+def describe_stream_memory(cases, num_cases: int, patch: PatchConfig) -> str:
+    """One line on the planned RAM of the training stream (:func:`stream_memory`)."""
+    resident, nbytes = stream_memory(cases, num_cases, patch)
+    if nbytes is None:
+        return (
+            f"training stream: all {num_cases} preprocessed cases in memory (bound it with "
+            "patch.cases_in_memory and preprocess.cache_dir)"
+        )
+    mib = nbytes / 2**20
+    if resident < num_cases:
+        window = patch.cases_in_memory
+        return (
+            f"training stream: at most {resident} of {num_cases} preprocessed cases in memory "
+            f"({window} resident + {resident - window} loading ahead, every "
+            f"{patch.replace_every} steps), planned {mib:.1f} MiB ({nbytes} bytes)"
+        )
+    return (
+        f"training stream: all {num_cases} preprocessed cases in memory, planned "
+        f"{mib:.1f} MiB ({nbytes} bytes)"
+    )
 
 
 def _augmenter(config, transforms=()):
@@ -120,7 +205,7 @@ def _batch(ds: tf.data.Dataset, patch: PatchConfig, num_classes: int) -> tf.data
 
 
 def training_dataset(
-    cases: tf.data.Dataset | CaseTable,
+    cases: tf.data.Dataset | CaseTable | ShardedCases,
     num_cases: int,
     patch: PatchConfig,
     num_classes: int,
@@ -134,8 +219,11 @@ def training_dataset(
 
     Parameters
     ----------
-    cases : tf.data.Dataset or CaseTable
-        :func:`preprocessed_cases`; read into memory once here.
+    cases : tf.data.Dataset, CaseTable or ShardedCases
+        :func:`preprocessed_cases`, read into memory once here; or the cases as shards on
+        disk (:func:`~medseg.pipeline.cache.sharded_cases`), streamed through a window of
+        ``patch.cases_in_memory`` resident cases (module docstring), or all read into
+        memory when that is None or covers every case.
     augment : AugmentConfig, optional
         Augmentation of each patch, seeded by the element (none if None or disabled), then
         the transforms its ``extra`` names.
@@ -154,7 +242,13 @@ def training_dataset(
     check_patch_config(patch)
     if start_step < 0:
         raise ValueError(f"start_step={start_step} must be ≥ 0")
-    table = _as_table(cases, num_cases)
+    bounded = patch.cases_in_memory is not None
+    if bounded and not isinstance(cases, ShardedCases):
+        raise ValueError(
+            f"patch.cases_in_memory={patch.cases_in_memory} streams cases from shards on "
+            "disk: pass ShardedCases (medseg.pipeline.sharded_cases, which needs "
+            "preprocess.cache_dir), or set patch.cases_in_memory to null"
+        )
     augmenter = _augmenter(augment, transforms)
     if augmenter is not None and augmenter.builtin is not None and patch.mode == "full":
         # cases differ in shape; augment's resampling kernels need static patch shapes
@@ -162,6 +256,12 @@ def training_dataset(
             "patch.mode='full' cannot be augmented (whole cases have no fixed shape): set "
             "augment.enabled=false, or use patch.mode='patch' with a large patch.patch_size"
         )
+    if bounded and patch.cases_in_memory < len(cases):
+        _check_count(len(cases), num_cases)
+        ds = _bounded_elements(cases, patch, seed, deterministic, augmenter, start_step)
+        ds = _batch(ds, patch, num_classes)
+        return ds.prefetch(AUTOTUNE).with_options(_options(deterministic))
+    table = _as_table(cases, num_cases)
     sample = _sampler(table, patch, augmenter)
 
     @_graph_only
@@ -175,8 +275,65 @@ def training_dataset(
     return ds.prefetch(AUTOTUNE).with_options(_options(deterministic))
 
 
+def _bounded_elements(
+    shards: ShardedCases, patch: PatchConfig, seed: int, deterministic: bool, augmenter, start_step
+) -> tf.data.Dataset:
+    """The unbatched elements of the bounded stream from ``start_step`` (module docstring).
+
+    A ``scan`` over phases carries the resident window: phase ``p + 1`` keeps slots
+    ``r ..`` of phase ``p`` (the same tensors, no copy) and reads ``r`` shards; the first
+    phase read reads them all. ``prefetch(1)`` reads the next phase while this one trains.
+    """
+    n, window = len(shards), patch.cases_in_memory
+    r = replaced_per_phase(window, patch.replace_share)
+    per_phase = patch.replace_every * patch.batch_size
+    start = start_step * patch.batch_size
+    order = tf.constant(residence_order(n, seed), tf.int64)
+    empty = (
+        tf.zeros([0, 0, 0, shards.channels], tf.float32),
+        tf.zeros([0, 0, 0], tf.as_dtype(shards.label_dtype)),
+        tf.zeros([0, 3], tf.int32),
+        tf.zeros([0], tf.int32),
+    )
+
+    @_graph_only
+    def advance(state, phase):
+        started, slots = state
+        resident = []
+        for j in range(window):
+            case = order[(phase * r + j) % n]
+            if j + r < window:  # resident in the previous phase too, at slot j + r
+                kept = slots[j + r]
+                resident.append(
+                    tf.cond(started, lambda kept=kept: kept, lambda c=case: shards.load(c))
+                )
+            else:
+                resident.append(shards.load(case))
+        resident = tuple(resident)
+        return (tf.constant(True), resident), (phase, resident)
+
+    def phase_elements(phase, resident):
+        # (index, the phase's cases) per element: handles of the same tensors, no copies
+        low = tf.maximum(phase * per_phase, start)
+        indices = tf.data.Dataset.range(low, (phase + 1) * per_phase)
+        return indices.map(lambda index: (index, resident))
+
+    @_graph_only
+    def element(index, resident):
+        table = CaseTable(("",) * window, *(tuple(f) for f in zip(*resident, strict=True)))
+        slot = case_order(index, window, seed)
+        sample = _sampler(table, patch, augmenter)
+        return sample(slot, tf.stack([tf.constant(seed, tf.int64), index]))
+
+    initial = (tf.constant(False), (empty,) * window)
+    phases = tf.data.Dataset.range(start // per_phase, _ENDLESS).scan(initial, advance)
+    # one parallel map over all phases (a map per phase would restart its threads each phase)
+    ds = phases.prefetch(1).flat_map(phase_elements)
+    return ds.map(element, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+
+
 def validation_dataset(
-    cases: tf.data.Dataset | CaseTable,
+    cases: tf.data.Dataset | CaseTable | ShardedCases,
     num_cases: int,
     patch: PatchConfig,
     num_classes: int,
@@ -189,19 +346,44 @@ def validation_dataset(
     In ``"full"`` mode each case is one element.
     """
     check_patch_config(patch)
-    table = _as_table(cases, num_cases)
     per_case = 1 if patch.mode == "full" else patch.validation_patches
-    sample = _sampler(table, patch)
+    if isinstance(cases, ShardedCases):
+        # bounded: one case read at a time; only the patches are kept (the cache below),
+        # few and small, so they need no window of their own
+        _check_count(len(cases), num_cases)
+        total = len(cases) * per_case
+        ds = _validation_from_shards(cases, patch, seed, per_case)
+    else:
+        table = _as_table(cases, num_cases)
+        sample = _sampler(table, patch)
 
-    @_graph_only
-    def element(index):
-        return sample(index // per_case, tf.stack([tf.constant(seed + 2, tf.int64), index]))
+        @_graph_only
+        def element(index):
+            return sample(index // per_case, tf.stack([tf.constant(seed + 2, tf.int64), index]))
 
-    total = len(table) * per_case
+        total = len(table) * per_case
+        ds = tf.data.Dataset.range(total).map(element, num_parallel_calls=AUTOTUNE)
     padded = -(-total // patch.batch_size) * patch.batch_size
-    ds = tf.data.Dataset.range(total).map(element, num_parallel_calls=AUTOTUNE).cache()
+    ds = ds.cache()
     ds = _batch(ds.repeat().take(padded), patch, num_classes)
     return ds.prefetch(AUTOTUNE).with_options(_options(True))
+
+
+def _validation_from_shards(shards: ShardedCases, patch: PatchConfig, seed: int, per_case: int):
+    """The validation elements of :func:`validation_dataset`, reading one shard at a time."""
+
+    @_graph_only
+    def case_patches(case):
+        table = CaseTable(("",), *((f,) for f in shards.load(case)))
+        sample = _sampler(table, patch)
+
+        def element(index):
+            return sample(0, tf.stack([tf.constant(seed + 2, tf.int64), index]))
+
+        indices = tf.data.Dataset.range(case * per_case, (case + 1) * per_case)
+        return indices.map(element, num_parallel_calls=AUTOTUNE)
+
+    return tf.data.Dataset.range(len(shards)).flat_map(case_patches)
 
 
 def _options(deterministic: bool) -> tf.data.Options:
