@@ -1,8 +1,9 @@
-"""Sessions: tests, lint, demo, notebooks. Each installs what it needs into its own venv."""
+"""Sessions: tests, lint, demo, notebooks, ui, browser, server. Each installs what it needs into its own venv."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -101,3 +102,59 @@ def browser(session: nox.Session) -> None:
     """
     session.install(".[dev]")
     session.run("pytest", "tests/test_ui_browser.py", "-ra", *session.posargs, env=ENV)
+
+
+SERVER_DIR = ROOT / "mlruns" / "server"  # the server session's cluster and artifacts (ignored by git)
+
+
+def _postgres_cluster(session: nox.Session, port: int) -> str | None:
+    """Start (creating on first use) a PostgreSQL cluster in SERVER_DIR/postgres on
+    127.0.0.1:``port``; its URL, or None without PostgreSQL's initdb/pg_ctl."""
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not (initdb and pg_ctl):
+        return None
+    data = SERVER_DIR / "postgres"
+    run_as = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        SERVER_DIR.mkdir(parents=True, exist_ok=True)
+        shutil.chown(SERVER_DIR, "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    if not data.exists():
+        session.run(*run_as, initdb, "-D", str(data), "-U", "postgres", "--auth=trust",
+                    external=True)
+    options = f"-p {port} -k {SERVER_DIR} -c listen_addresses=127.0.0.1"
+    session.run(*run_as, pg_ctl, "-D", str(data), "-o", options, "-l",
+                str(SERVER_DIR / "postgres.log"), "-w", "start", external=True)
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+
+@nox.session
+def server(session: nox.Session) -> None:
+    """A team's MLflow server on http://127.0.0.1:5000: runs in PostgreSQL (a local cluster
+    in mlruns/server/, when initdb and pg_ctl exist; else sqlite), artifacts proxied into
+    mlruns/server/artifacts. Point clients at it: MLFLOW_TRACKING_URI=http://127.0.0.1:5000.
+
+    nox -s server -- --port 5001   (the other arguments go to mlflow server)
+    """
+    # the server alone: MLflow (the version medseg's clients use) and the PostgreSQL driver
+    session.install("mlflow>=3.17,<4", "psycopg[binary]>=3.1")
+    args = list(session.posargs)
+    port = int(args[args.index("--port") + 1]) if "--port" in args else 5000
+    if "--port" not in args:
+        args += ["--port", str(port)]
+    SERVER_DIR.mkdir(parents=True, exist_ok=True)
+    backend = _postgres_cluster(session, port + 432)  # 5432 beside the default 5000
+    if backend is None:
+        session.warn("PostgreSQL's initdb/pg_ctl not found: the runs go to an sqlite file")
+        backend = f"sqlite:///{SERVER_DIR / 'mlflow.db'}"
+    try:
+        session.run(
+            "mlflow", "server", "--backend-store-uri", backend,
+            "--artifacts-destination", str(SERVER_DIR / "artifacts"),
+            "--host", "127.0.0.1", *args, env=ENV,
+        )
+    finally:
+        if backend.startswith("postgresql"):
+            run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+            session.run(*run_as, shutil.which("pg_ctl"), "-D", str(SERVER_DIR / "postgres"), "-m", "fast",
+                        "stop", external=True, success_codes=[0, 1])

@@ -253,7 +253,9 @@ def cmd_train(args) -> None:
     if run_id is None:  # a multi-worker run's other workers: rank 0 logs
         print("this worker is not rank 0; the chief worker logs the MLflow run")
     else:
-        print(f"MLflow run {run_id} in {redact(config.tracking.tracking_uri)}; open it with: medseg ui")
+        import mlflow  # the store the run went to (MLFLOW_TRACKING_URI may have chosen it)
+
+        print(f"MLflow run {run_id} in {redact(mlflow.get_tracking_uri())}; open it with: medseg ui")
 
 
 def cmd_evaluate(args) -> None:
@@ -276,7 +278,9 @@ def cmd_evaluate(args) -> None:
         from medseg.inference.postprocess import describe_postprocessing
 
         print(f"postprocessing: {describe_postprocessing(cv.postprocessing)}")
-    print(f"MLflow run {run_id} (folds nested) in {redact(config.tracking.tracking_uri)}")
+    import mlflow
+
+    print(f"MLflow run {run_id} (folds nested) in {redact(mlflow.get_tracking_uri())}")
 
 
 def cmd_run(args) -> None:

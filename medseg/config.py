@@ -60,6 +60,7 @@ Direction = Literal["maximize", "minimize"]
 Pruner = Literal["median", "none"]
 Device = Literal["auto", "cpu", "gpu"]
 Preset = Literal["default", "resenc_m", "resenc_l"]
+AugmentDevice = Literal["cpu", "accelerator"]
 
 
 # a transform named in the config: "package.module:attribute"
@@ -179,6 +180,13 @@ class PatchConfig(_Section):
     max_redraws: int = 4
     pad_multiple: int = 8  # "full" mode: the model's total stride
     validation_patches: int = 8  # fixed patches per validation case for per-epoch metrics
+    # bounded memory (needs preprocess.cache_dir): at most this many preprocessed training
+    # cases resident, the rest in shards on disk; None: every case in memory
+    cases_in_memory: int | None = None
+    # every replace_every steps the resident window slides: replace_share of its cases are
+    # swapped for the next ones of a seeded order (loaded ahead, while training goes on)
+    replace_every: int = 50
+    replace_share: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -244,6 +252,10 @@ class AugmentConfig(_Section):
 
     enabled: bool = True
     jit: bool = True  # XLA-compile the resampling: ~6x faster on CPU
+    # "cpu": each patch in the tf.data pipeline; "accelerator": the batch inside the compiled
+    # training step (medseg.pipeline.batched), same draws per patch; tf.data then only
+    # reads, crops and batches (train.loop="custom"; no augment.extra)
+    device: AugmentDevice = "cpu"
     # mirroring, a coin per axis
     flip_probability: float = 0.5
     flip_axes: tuple[int, ...] = (0, 1, 2)

@@ -103,6 +103,7 @@ def test_every_choice_key_is_a_literal():
         "model.normalization", "model.activation", "train.lr_schedule", "train.optimizer",
         "train.precision", "train.loop", "train.strategy", "loss.name", "inference.weighting",
         "evaluation.protocol", "tune.direction", "tune.pruner", "plan.device", "plan.preset",
+        "augment.device",
     } == set(CHOICE_KEYS)
 
 
@@ -136,6 +137,7 @@ def test_config_choices_are_the_ones_the_modules_implement():
     from medseg.models.blocks import ACTIVATIONS
     from medseg.models.blocks import NORMALIZATIONS as LAYER_NORMS
     from medseg.models.losses import LOSSES
+    from medseg.pipeline.batched import AUGMENT_DEVICES
     from medseg.pipeline.dataset import PATCH_MODES
     from medseg.pipeline.preprocess import NORMALIZATIONS
     from medseg.planning.planner import DEVICES, PRESETS
@@ -150,7 +152,7 @@ def test_config_choices_are_the_ones_the_modules_implement():
         "preprocess.normalize": NORMALIZATIONS, "plan.device": DEVICES,
         "plan.preset": tuple(PRESETS), "train.optimizer": OPTIMIZERS,
         "train.lr_schedule": SCHEDULES, "train.strategy": STRATEGIES, "train.loop": LOOPS,
-        "train.precision": PRECISIONS,
+        "train.precision": PRECISIONS, "augment.device": AUGMENT_DEVICES,
     }
     for key, values in implemented.items():
         assert set(CHOICE_KEYS[key]) == set(values), key

@@ -194,45 +194,70 @@ def _draw(key, stream, values, shape=()):
     return _uniform(key(stream, 1), float(values[0]), float(values[1]), shape)
 
 
+def intensity_value(name: str, config: AugmentConfig, key, channels, ndim: int):
+    """The random parameter of intensity transform ``name`` (drawn whether or not its coin
+    falls: stateless, so the tf.data and the batched paths share it).
+
+    Returns the noise std, the blur sigma or the low-resolution zoom (scalars); the
+    brightness or contrast factor, or the gamma (``(channels,)``); for ``bias_field`` the
+    ``(terms,)`` polynomial coefficients and the magnitude.
+    """
+    if name == "noise":
+        return _draw(key, _NOISE, config.noise_std)
+    if name == "blur":
+        return _draw(key, _BLUR, config.blur_sigma)
+    if name == "brightness":
+        return _draw(key, _BRIGHTNESS, config.brightness_range, [channels])
+    if name == "contrast":
+        return _draw(key, _CONTRAST, config.contrast_range, [channels])
+    if name == "lowres":
+        return _draw(key, _LOWRES, config.lowres_zoom)
+    if name == "gamma_inverted":
+        return _gamma(key(_GAMMA_INV, 1), config.gamma_range, channels)
+    if name == "gamma":
+        return _gamma(key(_GAMMA, 1), config.gamma_range, channels)
+    terms = len(_monomials(ndim))
+    coefficients = tf.random.stateless_uniform([terms], seed=key(_BIAS, 1), minval=-1.0, maxval=1.0)
+    return coefficients, _draw(key, _BIAS, config.bias_field_magnitude)
+
+
+def _value(name, x, config, key):
+    return intensity_value(name, config, key, tf.shape(x)[-1], x.shape.rank - 1)
+
+
 def _noise(x, config, key):
-    return add_noise(x, _draw(key, _NOISE, config.noise_std), key(_NOISE, 2))
+    return add_noise(x, _value("noise", x, config, key), key(_NOISE, 2))
 
 
 def _blur(x, config, key):
     radius = _radius(config.blur_sigma[1])
     return _compiled(gaussian_blur, config.jit, radius=radius)(
-        x, _draw(key, _BLUR, config.blur_sigma)
+        x, _value("blur", x, config, key)
     )
 
 
 def _brightness(x, config, key):
-    return x * _draw(key, _BRIGHTNESS, config.brightness_range, [tf.shape(x)[-1]])
+    return x * _value("brightness", x, config, key)
 
 
 def _contrast(x, config, key):
-    return adjust_contrast(x, _draw(key, _CONTRAST, config.contrast_range, [tf.shape(x)[-1]]))
+    return adjust_contrast(x, _value("contrast", x, config, key))
 
 
 def _lowres(x, config, key):
-    zoom = _draw(key, _LOWRES, config.lowres_zoom)
-    return _compiled(simulate_low_resolution, config.jit)(x, zoom)
+    return _compiled(simulate_low_resolution, config.jit)(x, _value("lowres", x, config, key))
 
 
 def _gamma_inverted(x, config, key):
-    g = _gamma(key(_GAMMA_INV, 1), config.gamma_range, tf.shape(x)[-1])
-    return -adjust_gamma(-x, g, jit=config.jit)
+    return -adjust_gamma(-x, _value("gamma_inverted", x, config, key), jit=config.jit)
 
 
 def _gamma_plain(x, config, key):
-    g = _gamma(key(_GAMMA, 1), config.gamma_range, tf.shape(x)[-1])
-    return adjust_gamma(x, g, jit=config.jit)
+    return adjust_gamma(x, _value("gamma", x, config, key), jit=config.jit)
 
 
 def _bias(x, config, key):
-    ndim = x.shape.rank - 1
-    terms = len(_monomials(ndim))
-    coefficients = tf.random.stateless_uniform([terms], seed=key(_BIAS, 1), minval=-1.0, maxval=1.0)
-    magnitude = _draw(key, _BIAS, config.bias_field_magnitude)
+    coefficients, magnitude = _value("bias_field", x, config, key)
     field = bias_field(tf.shape(x)[:-1], coefficients, magnitude)
     return apply_bias_field(x, field)
 
@@ -346,51 +371,128 @@ def elastic_grid_shape(shape, spacing: int) -> tf.Tensor:
     return tf.maximum(tf.cast(steps, tf.int32) + 1, 2)
 
 
+def spatial_coins(config: AugmentConfig, key) -> list[tf.Tensor]:
+    """The rotation, scaling and elastic coins (bool scalars; constant for 0 / 1)."""
+    probs = (config.rotation_probability, config.scale_probability, config.elastic_probability)
+    return [
+        _coin(p, key(stream)) if 0 < p < 1 else tf.constant(p >= 1)
+        for p, stream in zip(probs, (_ROTATE, _SCALE, _ELASTIC), strict=True)
+    ]
+
+
+def spatial_transform(config: AugmentConfig, key, shape, ndim: int, coins):
+    """``(matrix, offset, displacement)`` of :func:`~medseg.pipeline.spatial.warp` for one
+    patch of spatial ``shape``: the identity for each transform whose coin is False.
+
+    ``displacement`` is the coarse ``(*grid, ndim)`` field, None without elastic deformation.
+    """
+    rotate, scale, elastic = coins
+    matrix = tf.eye(ndim)
+    if config.rotation_probability > 0:
+        if ndim == 2:
+            mask = [1.0]
+        else:
+            mask = [1.0 if a in config.rotation_axes else 0.0 for a in range(3)]
+        low, high = (math.radians(d) for d in config.rotation_degrees)
+        angles = _uniform(key(_ROTATE, 1), low, high, [len(mask)]) * tf.constant(mask)
+        angles = angles * tf.cast(rotate, tf.float32)
+        matrix = rotation_matrix(angles, ndim)
+    if config.scale_probability > 0:
+        n = ndim if config.scale_per_axis else 1
+        factors = _uniform(key(_SCALE, 1), *map(float, config.scale_range), [n])
+        factors = tf.where(scale, factors, 1.0) * tf.ones([ndim])
+        # output→input map: content enlarged by f reads input at 1/f the distance
+        matrix = matrix @ tf.linalg.diag(1.0 / factors)
+    matrix, offset = centred_affine(shape, matrix)
+    displacement = None
+    if config.elastic_probability > 0:
+        grid = elastic_grid_shape(shape, config.elastic_grid_spacing)
+        magnitude = _uniform(key(_ELASTIC, 1), *map(float, config.elastic_magnitude))
+        noise = tf.random.stateless_normal(tf.concat([grid, [ndim]], 0), seed=key(_ELASTIC, 2))
+        noise = tf.ensure_shape(noise, [None] * ndim + [ndim])
+        displacement = noise * magnitude * tf.cast(elastic, tf.float32)
+    return matrix, offset, displacement
+
+
 def _spatial(image, label, config: AugmentConfig, key):
     ndim = image.shape.rank - 1
     shape = tf.shape(image)[:-1]
     probs = (config.rotation_probability, config.scale_probability, config.elastic_probability)
     if max(probs) <= 0:
         return image, label
-    coins = [
-        _coin(p, key(stream)) if 0 < p < 1 else tf.constant(p >= 1)
-        for p, stream in zip(probs, (_ROTATE, _SCALE, _ELASTIC), strict=True)
-    ]
-    rotate, scale, elastic = coins
+    coins = spatial_coins(config, key)
 
     def apply():
-        matrix = tf.eye(ndim)
-        if config.rotation_probability > 0:
-            if ndim == 2:
-                mask = [1.0]
-            else:
-                mask = [1.0 if a in config.rotation_axes else 0.0 for a in range(3)]
-            low, high = (math.radians(d) for d in config.rotation_degrees)
-            angles = _uniform(key(_ROTATE, 1), low, high, [len(mask)]) * tf.constant(mask)
-            angles = angles * tf.cast(rotate, tf.float32)
-            matrix = rotation_matrix(angles, ndim)
-        if config.scale_probability > 0:
-            n = ndim if config.scale_per_axis else 1
-            factors = _uniform(key(_SCALE, 1), *map(float, config.scale_range), [n])
-            factors = tf.where(scale, factors, 1.0) * tf.ones([ndim])
-            # output→input map: content enlarged by f reads input at 1/f the distance
-            matrix = matrix @ tf.linalg.diag(1.0 / factors)
-        matrix, offset = centred_affine(shape, matrix)
-        displacement = None
-        if config.elastic_probability > 0:
-            grid = elastic_grid_shape(shape, config.elastic_grid_spacing)
-            magnitude = _uniform(key(_ELASTIC, 1), *map(float, config.elastic_magnitude))
-            noise = tf.random.stateless_normal(
-                tf.concat([grid, [ndim]], 0), seed=key(_ELASTIC, 2)
-            )
-            noise = tf.ensure_shape(noise, [None] * ndim + [ndim])
-            displacement = noise * magnitude * tf.cast(elastic, tf.float32)
+        matrix, offset, displacement = spatial_transform(config, key, shape, ndim, coins)
         return warp_jit(image, label, matrix, offset, displacement, jit=config.jit)
 
     do_any = tf.reduce_any(tf.stack(coins))
     if label is None:
         return tf.cond(do_any, lambda: apply()[0], lambda: image), None
     return tf.cond(do_any, apply, lambda: (image, label))
+
+
+def _decide(probability: float, seed) -> tf.Tensor:
+    """A transform's coin as :func:`_maybe` throws it (constant for 0 / 1)."""
+    if probability <= 0 or probability >= 1:
+        return tf.constant(probability >= 1)
+    return _coin(probability, seed)
+
+
+def draw_parameters(config: AugmentConfig, seed, shape, channels: int) -> dict:
+    """Every random parameter :func:`augment` draws for one patch, from its ``(2,)`` seed.
+
+    The tf.data path (:func:`augment`) and the batched path in the training step
+    (:mod:`medseg.pipeline.batched`) both draw with these functions, so a seed gives the
+    same transforms in either.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Static spatial shape of the patch (2 or 3 axes).
+    channels : int
+        Image channels.
+
+    Returns
+    -------
+    dict of tf.Tensor
+        ``spatial`` (bool: any of rotation / scaling / elastic), ``matrix`` ``(n, n)``,
+        ``offset`` ``(n,)``, ``displacement`` ``(*grid, n)`` (only with elastic
+        deformation configured); ``rot90`` (int32 quarter turns, 0 = none); ``flip``
+        (``(n,)`` bool per spatial axis); per intensity transform ``name`` its coin
+        ``name`` and parameter ``name + "_value"`` (see :func:`intensity_value`; the bias
+        field as ``bias_field_value`` and ``bias_field_magnitude``), and ``noise_seed``.
+    """
+    key = _keys(seed)
+    shape = [int(s) for s in shape]
+    ndim = len(shape)
+    out = {}
+    coins = spatial_coins(config, key)
+    out["spatial"] = tf.reduce_any(tf.stack(coins))
+    out["matrix"], out["offset"], displacement = spatial_transform(
+        config, key, tf.constant(shape), ndim, coins
+    )
+    if displacement is not None:
+        out["displacement"] = displacement
+    # rot90: a non-square plane only turns by 180° (see random_rot90)
+    ks = tf.constant([1, 2, 3] if shape[-2] == shape[-1] else [2, 2, 2])
+    turn = tf.gather(ks, rot90_index(key(_ROT90, 1)))
+    rotate = _decide(config.rot90_probability, key(_ROT90))
+    out["rot90"] = tf.where(rotate, turn, 0)
+    axes = [a for a in config.flip_axes if a < ndim]
+    flips = tf.zeros([ndim], tf.bool)
+    if config.flip_probability > 0 and axes:
+        drawn = flip_coins(len(axes), config.flip_probability, key(_FLIP))
+        flips = tf.scatter_nd([[a] for a in axes], drawn, [ndim])
+    out["flip"] = flips
+    for name, (stream, probability_key, _) in _INTENSITY.items():
+        out[name] = _decide(getattr(config, probability_key), key(stream))
+        value = intensity_value(name, config, key, channels, ndim)
+        if name == "bias_field":
+            value, out["bias_field_magnitude"] = value
+        out[f"{name}_value"] = value
+    out["noise_seed"] = key(_NOISE, 2)
+    return out
 
 
 def rot90(x: tf.Tensor, k: int, axes: tuple[int, int]) -> tf.Tensor:
@@ -432,11 +534,16 @@ def random_rot90(image, label, seed, jit: bool = False):
     if len(ks) == 1:
         out = branch(2)()
     else:
-        index = tf.random.stateless_uniform([], seed=seed, minval=0, maxval=3, dtype=tf.int32)
+        index = rot90_index(seed)
         if square is not None:
             index = tf.where(square, index, 1)
         out = tf.switch_case(index, [branch(k) for k in ks])
     return out[0], (None if label is None else out[1])
+
+
+def rot90_index(seed) -> tf.Tensor:
+    """The draw of :func:`random_rot90`: an index into its turns ``(1, 2, 3)``."""
+    return tf.random.stateless_uniform([], seed=seed, minval=0, maxval=3, dtype=tf.int32)
 
 
 def _rot90_pair(image, label, k, axes):
@@ -452,12 +559,17 @@ def _flip_pair(image, label, axes):
     return flip(image, axes), (None if label is None else flip(label, axes))
 
 
+def flip_coins(count: int, probability: float, seed) -> tf.Tensor:
+    """The draw of :func:`random_flip`: one bool per flipped axis."""
+    return tf.random.stateless_uniform([count], seed=seed) < probability
+
+
 def random_flip(image, label, axes, probability: float, seed, jit: bool = False):
     """Mirror each of the spatial ``axes`` with its own coin of ``probability``.
 
     One reversal of the chosen axes: a switch over the 2**len(axes) static combinations.
     """
-    coins = tf.random.stateless_uniform([len(axes)], seed=seed) < probability
+    coins = flip_coins(len(axes), probability, seed)
     index = tf.reduce_sum(tf.cast(coins, tf.int32) * (2 ** tf.range(len(axes))))
 
     def branch(mask):

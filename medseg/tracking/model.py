@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 from medseg.inference import PredictionPlan, load_model_file
 from medseg.inference.files import is_model_uri
 from medseg.tracking import names
-from medseg.tracking.store import resolve_tracking_uri
+from medseg.tracking.store import resolve_tracking_uri, set_tracking_uri
 
 __all__ = [
     "SHA256_TAG",
@@ -114,7 +114,7 @@ def _client(tracking_uri: str | None):
     import mlflow
 
     if tracking_uri is not None:
-        mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+        set_tracking_uri(resolve_tracking_uri(tracking_uri))
     return mlflow
 
 

@@ -21,7 +21,12 @@ from mlflow.tracking import MlflowClient
 
 from medseg.config import TrackingConfig, redact
 from medseg.io.atomic import write_atomically
-from medseg.tracking.store import configure, resolve_tracking_uri
+from medseg.tracking.store import (
+    configure,
+    resolve_tracking_uri,
+    set_tracking_uri,
+    tracking_from_environment,
+)
 
 OUTPUT_DIR = Path("mlruns") / "notebooks"
 
@@ -61,7 +66,8 @@ def run_notebook(
     notebook = Path(notebook)
     if not notebook.is_file():
         raise FileNotFoundError(f"notebook {notebook} does not exist")
-    tracking = tracking or TrackingConfig()
+    # MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME for what the caller left at defaults
+    tracking = tracking_from_environment(tracking or TrackingConfig())
     experiment_id = configure(tracking)
     uri = resolve_tracking_uri(tracking.tracking_uri)
     client = MlflowClient(uri)
@@ -124,8 +130,11 @@ def newest_model_uri(tracking_uri: str, experiment: str = "medseg") -> str:
     ValueError
         If the experiment holds no logged model.
     """
-    uri = resolve_tracking_uri(tracking_uri)
-    mlflow.set_tracking_uri(uri)
+    tracking = tracking_from_environment(
+        TrackingConfig(tracking_uri=tracking_uri, experiment=experiment)
+    )
+    uri, experiment = resolve_tracking_uri(tracking.tracking_uri), tracking.experiment
+    set_tracking_uri(uri)
     found = MlflowClient(uri).get_experiment_by_name(experiment)
     models = []
     if found is not None:
@@ -136,5 +145,5 @@ def newest_model_uri(tracking_uri: str, experiment: str = "medseg") -> str:
             output_format="list",
         )
     if not models or not models[0].source_run_id:
-        raise ValueError(f"experiment {experiment!r} in {uri} has no logged model; train one first")
+        raise ValueError(f"experiment {experiment!r} in {redact(uri)} has no logged model; train one first")
     return f"runs:/{models[0].source_run_id}/{models[0].name}"

@@ -99,7 +99,7 @@ class MlflowObserver(Observer):
     def run_started(self, config: Config) -> None:
         if not is_chief():
             return  # workers other than the chief train but never log
-        self._experiment_id = configure(config.tracking)
+        self._experiment_id = configure(config)
         if self._parent is not None:
             # the parent's experiment: a parent run given by id may live in another one
             self._experiment_id = self._parent._experiment_id

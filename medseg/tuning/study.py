@@ -43,7 +43,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from medseg.config import Config, ConfigError, TuneConfig, redact
 from medseg.tracking.lineage import git_state
 from medseg.tracking.run import run_training
-from medseg.tracking.store import configure, resolve_tracking_uri
+from medseg.tracking.store import check_reachable, configure, resolve_tracking_uri
 from medseg.tuning.pruning import DicePruningCallback
 from medseg.tuning.space import parse_space, suggest_overrides
 from medseg.workflows.experiment import ExperimentResult
@@ -81,17 +81,37 @@ class TuneResult:
     best_config: Path | None = None  # the best trial's train config (JSON)
 
 
+JOURNAL = "journal:///"  # Optuna's journal file, for sites without a database server
+
+
 def resolve_storage(url: str) -> str:
-    """A relative ``sqlite:///`` storage made absolute (one file for every process)."""
-    url = resolve_tracking_uri(url)
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    """A relative ``sqlite:///`` or ``journal:///`` storage made absolute (one file for
+    every process), its folder created."""
+    if url.startswith(JOURNAL) and not url.startswith(JOURNAL + "/"):
+        url = JOURNAL + str((Path.cwd() / url[len(JOURNAL) :]).resolve())
+    url = resolve_tracking_uri(url) if url.startswith("sqlite:") else url
+    for prefix in ("sqlite:///", JOURNAL):
+        if url.startswith(prefix):
+            Path(url[len(prefix) :]).parent.mkdir(parents=True, exist_ok=True)
     return url
 
 
-def _storage(url: str, on_dead_trial=None) -> optuna.storages.RDBStorage:
-    """The study's RDB storage, with heartbeats; ``on_dead_trial(study, trial)`` is called
-    (in a live worker) for each trial failed because its worker stopped beating."""
+def _storage(url: str, on_dead_trial=None) -> optuna.storages.BaseStorage:
+    """The study's storage: an RDB with heartbeats, ``on_dead_trial(study, trial)`` called
+    (in a live worker) for each trial failed because its worker stopped beating; or, for a
+    ``journal:///path`` URL, Optuna's append-only journal file (no heartbeats: a killed
+    worker's trial stays RUNNING).
+
+    Raises
+    ------
+    ServerUnreachable
+        If a database server does not answer (in seconds, its URL's password hidden).
+    """
+    if url.startswith(JOURNAL):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(url[len(JOURNAL) - 1 :]))
+    check_reachable(url, "tune.storage")
     heartbeat = {
         "heartbeat_interval": HEARTBEAT_INTERVAL,
         "grace_period": GRACE_PERIOD,
@@ -240,6 +260,8 @@ def fail_dead_trials(study: optuna.Study) -> int:
     int
         How many trials were failed.
     """
+    if not isinstance(study._storage, optuna.storages._heartbeat.BaseHeartbeat):
+        return 0  # a journal file: no heartbeats to miss
     interval = study._storage.get_heartbeat_interval()
     silent = _silent_trials(study, 2 * interval)
     if not silent:
@@ -271,7 +293,7 @@ def study_run(study: optuna.Study, config: Config, run_id: str | None = None) ->
     existing = study.user_attrs.get(STUDY_RUN_ATTR)
     if existing:
         return existing
-    experiment_id = configure(config.tracking)
+    experiment_id = configure(config)
     client = MlflowClient(mlflow.get_tracking_uri())
     tags = {
         TAG_STUDY: study.study_name,
@@ -343,7 +365,7 @@ class _Objective:
         self.worker = worker
         self.params = parse_space(config.tune.space)
         self.parent_run_id = parent_run_id
-        configure(config.tracking)
+        configure(config)
         self.client = MlflowClient(mlflow.get_tracking_uri())
         # trials nest in their study run's experiment (a notebook's run may be elsewhere)
         self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id

@@ -190,7 +190,12 @@ def train_model(
     num_classes = len(setup.class_names)
     det = config.train.deterministic
     cache_dir = config.preprocess.cache_dir
-    train_cases = preprocessed_cases(
+    from medseg.pipeline import check_patch_config, describe_stream_memory, sharded_cases
+
+    check_patch_config(config.patch)  # before any case is preprocessed or written
+    # bounded memory: the cases as shards on disk, streamed through a resident window
+    cases_of = preprocessed_cases if config.patch.cases_in_memory is None else sharded_cases
+    train_cases = cases_of(
         setup.builder,
         config.data.split,
         setup.train_ids,
@@ -200,6 +205,7 @@ def train_model(
         det,
         cache_dir=cache_dir,
     )
+    stream_augment, batch_augment = _augment_placement(config, transforms)
     train = training_dataset(
         train_cases,
         len(setup.train_ids),
@@ -207,13 +213,15 @@ def train_model(
         num_classes,
         config.seed,
         det,
-        augment=config.augment,
+        augment=stream_augment,
         start_step=start_step,
         transforms=transforms,
     )
+    print(describe_stream_memory(train_cases, len(setup.train_ids), config.patch), flush=True)
     validation = None
     if setup.val_ids and config.patch.validation_patches > 0:
-        val_cases = preprocessed_cases(
+        # from shards the validation set is read one case at a time (only its patches kept)
+        val_cases = cases_of(
             setup.builder,
             config.data.split,
             setup.val_ids,
@@ -255,8 +263,50 @@ def train_model(
         callbacks,
         train_start_step=start_step,
         checkpoint_dir=checkpoints,
+        augment=batch_augment,
     )
     return model, history
+
+
+def _augment_placement(config: Config, transforms: Sequence = ()):
+    """``(augment config for tf.data, batch augmentation for the step or None)``.
+
+    ``augment.device="accelerator"``: tf.data only reads, crops and batches; the built-in
+    augmentation runs in the compiled step with the same per-patch seeds
+    (:mod:`medseg.pipeline.batched`).
+    """
+    import dataclasses
+
+    from medseg.pipeline.batched import BatchAugmentation
+
+    augment = config.augment
+    if augment.device != "accelerator" or not augment.enabled:
+        return augment, None
+    if augment.extra or transforms:
+        raise ValueError(
+            "augment.device='accelerator' augments in the training step, after tf.data: the "
+            f"user transforms ({', '.join(augment.extra) or 'transforms='}) would then run "
+            "before it instead of after; set augment.device='cpu' to use them"
+        )
+    if config.model.deep_supervision:
+        raise ValueError(
+            "augment.device='accelerator' does not support model.deep_supervision=true yet "
+            "(the downsampled targets are made in tf.data, before the step augments): set "
+            "augment.device='cpu' or model.deep_supervision=false"
+        )
+    if config.patch.mode == "full":
+        raise ValueError(
+            "augment.device='accelerator' needs fixed patch shapes: patch.mode='full' "
+            "batches whole cases; use patch.mode='patch' or augment.device='cpu'"
+        )
+    if config.train.loop != "custom":
+        raise ValueError(
+            f"augment.device='accelerator' augments inside medseg's training step, which "
+            f"train.loop={config.train.loop!r} does not run: set train.loop='custom' or "
+            "augment.device='cpu'"
+        )
+    batch = BatchAugmentation(augment, config.seed, config.patch.batch_size)
+    return dataclasses.replace(augment, enabled=False), batch
 
 
 def evaluate_cases(
