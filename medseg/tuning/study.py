@@ -96,6 +96,20 @@ def resolve_storage(url: str) -> str:
     return url
 
 
+def _rdb_storage(url: str, heartbeat: dict, attempts: int = 3) -> optuna.storages.RDBStorage:
+    """An RDBStorage on a database server. Workers started together on a new database
+    race to create Optuna's tables (PostgreSQL: "duplicate key value violates unique
+    constraint pg_type_typname_nsp_index"); the loser retries, and then finds them made."""
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, **heartbeat)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def _storage(url: str, on_dead_trial=None) -> optuna.storages.BaseStorage:
     """The study's storage: an RDB with heartbeats, ``on_dead_trial(study, trial)`` called
     (in a live worker) for each trial failed because its worker stopped beating; or, for a
@@ -120,7 +134,7 @@ def _storage(url: str, on_dead_trial=None) -> optuna.storages.BaseStorage:
     with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if not url.startswith("sqlite"):
-            return optuna.storages.RDBStorage(url, **heartbeat)
+            return _rdb_storage(url, heartbeat)
         # workers write concurrently: wait for sqlite's lock rather than fail at once. And
         # sqlite has no SELECT ... FOR UPDATE: two workers could both read a queued trial as
         # WAITING and both run it. Every transaction therefore takes the write lock when it
