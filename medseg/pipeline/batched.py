@@ -35,7 +35,7 @@ from medseg.pipeline.augment import (
     low_resolution_indices,
     rot90,
 )
-from medseg.pipeline.spatial import _grid, upsample_field
+from medseg.pipeline.spatial import _grid, gather_linear, nearest_index, upsample_field
 
 __all__ = [
     "AUGMENT_DEVICES",
@@ -138,30 +138,11 @@ def warp_batch(images, labels, matrix, offset, displacement=None):
     for i in range(n - 2, -1, -1):
         strides[i] = strides[i + 1] * shape[i + 1]
     base = _per_sample(tf.range(batch) * voxels, rank)
-    lower, upper, weight = [], [], []
-    for i in range(n):
-        c = tf.clip_by_value(coords[i], 0.0, float(shape[i] - 1))
-        f = tf.floor(c)
-        i0 = tf.cast(f, tf.int32)
-        lower.append(i0 * strides[i])
-        upper.append(tf.minimum(i0 + 1, shape[i] - 1) * strides[i])
-        weight.append((c - f)[..., None])
     flat = tf.reshape(images, [-1, tf.shape(images)[-1]])
-
-    def interpolate(axis, index):
-        if axis == n:
-            return tf.gather(flat, index)
-        a = interpolate(axis + 1, index + lower[axis])
-        b = interpolate(axis + 1, index + upper[axis])
-        return a + (b - a) * weight[axis]
-
-    out_images = tf.reshape(interpolate(0, base + tf.zeros_like(lower[0])), tf.shape(images))
+    out_images = tf.reshape(gather_linear(flat, coords, shape, strides, base), tf.shape(images))
     if labels is None:
         return out_images, None
-    nearest = base
-    for i in range(n):
-        c = tf.clip_by_value(coords[i], 0.0, float(shape[i] - 1))
-        nearest = nearest + tf.cast(tf.floor(c + 0.5), tf.int32) * strides[i]
+    nearest = nearest_index(coords, shape, strides, base)
     one_hot = labels.shape.rank == images.shape.rank
     flat_labels = tf.reshape(labels, [-1, tf.shape(labels)[-1]] if one_hot else [-1])
     out_labels = tf.reshape(tf.gather(flat_labels, nearest), tf.shape(labels))

@@ -151,6 +151,45 @@ def warp_coordinates(shape, matrix, offset, displacement=None) -> list[tf.Tensor
     return coords
 
 
+def gather_linear(flat, coords, shape, strides, base=0):
+    """Rows of ``flat`` (voxels × channels) interpolated linearly at ``coords``.
+
+    ``coords`` are per-axis voxel coordinates (clamped to the grid: nearest-edge
+    extension), ``shape`` and ``strides`` the grid's size and row strides per axis, and
+    ``base`` the row of each sample's first voxel (a batch stacked in ``flat``).
+    """
+    n = len(coords)
+    # corners: floor index and weight of the upper neighbour, per axis
+    lower, upper, weight = [], [], []
+    for i in range(n):
+        c = tf.clip_by_value(coords[i], 0.0, tf.cast(shape[i] - 1, tf.float32))
+        f = tf.floor(c)
+        i0 = tf.cast(f, tf.int32)
+        lower.append(i0 * strides[i])
+        upper.append(tf.minimum(i0 + 1, shape[i] - 1) * strides[i])
+        weight.append((c - f)[..., None])
+
+    def interpolate(axis, index):
+        # linear interpolation along ``axis`` and, recursively, every later axis
+        if axis == n:
+            return tf.gather(flat, index)
+        a = interpolate(axis + 1, index + lower[axis])
+        b = interpolate(axis + 1, index + upper[axis])
+        return a + (b - a) * weight[axis]
+
+    return interpolate(0, base + tf.zeros_like(lower[0]))
+
+
+def nearest_index(coords, shape, strides, base=0):
+    """The row of the voxel nearest to ``coords`` (rounding half up; see
+    :func:`gather_linear` for the arguments)."""
+    nearest = base
+    for i in range(len(coords)):
+        c = tf.clip_by_value(coords[i], 0.0, tf.cast(shape[i] - 1, tf.float32))
+        nearest = nearest + tf.cast(tf.floor(c + 0.5), tf.int32) * strides[i]
+    return nearest
+
+
 def warp(image, label, matrix, offset, displacement=None):
     """Sample ``image`` (linear) and ``label`` (nearest) at :func:`warp_coordinates`.
 
@@ -178,33 +217,11 @@ def warp(image, label, matrix, offset, displacement=None):
     for i in range(n - 2, -1, -1):
         strides[i] = strides[i + 1] * shape[i + 1]
 
-    # corners: floor index and weight of the upper neighbour, per axis
-    lower, upper, weight = [], [], []
-    for i in range(n):
-        c = tf.clip_by_value(coords[i], 0.0, tf.cast(shape[i] - 1, tf.float32))
-        f = tf.floor(c)
-        i0 = tf.cast(f, tf.int32)
-        lower.append(i0 * strides[i])
-        upper.append(tf.minimum(i0 + 1, shape[i] - 1) * strides[i])
-        weight.append((c - f)[..., None])
-
     flat = tf.reshape(image, [-1, tf.shape(image)[-1]])
-
-    def interpolate(axis, index):
-        # linear interpolation along ``axis`` and, recursively, every later axis
-        if axis == n:
-            return tf.gather(flat, index)
-        a = interpolate(axis + 1, index + lower[axis])
-        b = interpolate(axis + 1, index + upper[axis])
-        return a + (b - a) * weight[axis]
-
-    out_image = tf.reshape(interpolate(0, tf.zeros_like(lower[0])), tf.shape(image))
+    out_image = tf.reshape(gather_linear(flat, coords, shape, strides), tf.shape(image))
     if label is None:
         return out_image, None
-    nearest = 0
-    for i in range(n):
-        c = tf.clip_by_value(coords[i], 0.0, tf.cast(shape[i] - 1, tf.float32))
-        nearest += tf.cast(tf.floor(c + 0.5), tf.int32) * strides[i]  # round half up
+    nearest = nearest_index(coords, shape, strides)
     label = tf.convert_to_tensor(label)
     out_label = tf.reshape(tf.gather(tf.reshape(label, [-1]), nearest), tf.shape(label))
     return out_image, out_label
