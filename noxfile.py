@@ -1,4 +1,4 @@
-"""Sessions: tests, lint, demo, notebooks, ui, browser, server. Each installs what it needs into its own venv."""
+"""Sessions: tests, lint, demo, notebooks, ui, beam, browser, server. Each installs what it needs into its own venv."""
 
 from __future__ import annotations
 
@@ -92,6 +92,43 @@ def notebooks(session: nox.Session) -> None:
                 "medseg", "run", str(nb), *params, "--tracking-uri", uri,
                 "--output", os.path.join(tmp, nb.name), env=env,
             )
+
+
+@nox.session
+def lab(session: nox.Session) -> None:
+    """JupyterLab on http://127.0.0.1:8888 in notebooks/, no browser; open the URL with the
+    token it prints. The notebooks run there on the project's kernel, unchanged.
+
+    The notebooks' kernelspec is ``python3`` (papermill, `medseg run` and `nox -s notebooks`
+    start it by that name): it is registered in this venv, pointing at its Python, and wins
+    over a ``python3`` of the user's. Runs go to mlruns/mlflow.db like `medseg run`'s (the
+    kernels start in notebooks/, where the default relative store would be another one),
+    or to MLFLOW_TRACKING_URI when that is set.
+
+    nox -s lab -- --port 8889   (the arguments go to jupyter lab)
+    """
+    session.install(".[notebook]")
+    session.run(
+        "python", "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3",
+        "--display-name", "Python 3 (medseg)",
+    )
+    store = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}"
+    (ROOT / "mlruns").mkdir(exist_ok=True)
+    env = {**ENV, "MLFLOW_TRACKING_URI": store, "JUPYTER_PREFER_ENV_PATH": "1"}
+    # Jupyter refuses root without --allow-root (containers, CI machines)
+    root = ["--allow-root"] if os.geteuid() == 0 else []
+    session.run(
+        "jupyter", "lab", "--ip", "127.0.0.1", "--no-browser",
+        f"--ServerApp.root_dir={ROOT / 'notebooks'}", *root, *session.posargs, env=env,
+    )
+
+
+@nox.session
+def beam(session: nox.Session) -> None:
+    """The Beam build tests (tests/test_beam_build.py) in a venv with apache-beam: Beam
+    pins protobuf and pillow versions of its own, so it stays out of the other sessions."""
+    session.install(".[beam,dev]")
+    session.run("pytest", "tests/test_beam_build.py", "-ra", *session.posargs, env=ENV)
 
 
 @nox.session

@@ -57,7 +57,8 @@ LossName = Literal[
 Weighting = Literal["gaussian", "mean"]
 Protocol = Literal["split", "kfold", "loo", "holdout", "lists"]
 Direction = Literal["maximize", "minimize"]
-Pruner = Literal["median", "none"]
+Pruner = Literal["median", "percentile", "hyperband", "none"]
+Sampler = Literal["tpe", "random"]  # cmaes needs the cmaes package: not offered
 Device = Literal["auto", "cpu", "gpu"]
 Preset = Literal["default", "resenc_m", "resenc_l"]
 AugmentDevice = Literal["cpu", "accelerator"]
@@ -330,6 +331,13 @@ class InferenceConfig(_Section):
     mirror_axes: tuple[int, ...] = ()
     batch_size: int = 2  # patches per forward pass
     save_probabilities: bool = False  # also write <case>_prob.nii.gz (softmax, 4D)
+    # voxel-wise uncertainty beside each segmentation (<case>_entropy.nii.gz, in nats,
+    # <case>_mutual_info.nii.gz, <case>_uncertainty.json and .gif) from several samples:
+    # "tta" the mirror_axes flips, "ensemble" the models, "mc-dropout" passes with the
+    # model's Dropout layers on (needs model.dropout > 0 in training); "none" is off
+    uncertainty: Literal["none", "tta", "ensemble", "mc-dropout"] = "none"
+    uncertainty_samples: int = 10  # mc-dropout passes per case, at least 2
+    uncertainty_seed: int | None = None  # fixes the mc-dropout masks; None: random
 
 
 @dataclass(frozen=True)
@@ -350,6 +358,12 @@ class EvaluationConfig(_Section):
     hd_percentile: float = 95.0
     postprocess: bool = True  # decide largest-component postprocessing from the CV cases
     overlay_axis: int = 0  # axis the overlay GIF and the montage slice along
+    # expected calibration error per structure over the validation voxels (val_ece_*),
+    # plots/reliability.png and a temperature fitted on a voxel sample (temperature.json);
+    # predicting a case's probabilities costs K floats per voxel of the case being scored
+    calibration: bool = True
+    calibration_bins: int = 15  # equal-width confidence bins of the ECE
+    temperature_samples: int = 20000  # voxels per case drawn (seeded) to fit the temperature
 
 
 @dataclass(frozen=True)
@@ -371,9 +385,15 @@ class TuneConfig(_Section):
     # pruning watches this per-epoch value: "val_dice_mean" (mean of the val_dice_* metrics)
     # or any Keras log key
     prune_metric: str = "val_dice_mean"
+    # "median"/"percentile": prune a trial below the median / the pruner_percentile-th
+    # percentile of the other trials at the same epoch; "hyperband": successive halving
+    # over epochs (ignores pruner_startup_trials); "none": every trial runs its epochs
     pruner: Pruner = "median"
+    pruner_percentile: float = 25.0  # "percentile": keep the top 25 % of trials (0-100)
     pruner_startup_trials: int = 5  # trials completed before any is pruned
     pruner_warmup_epochs: int = 1  # epochs a trial always gets
+    # "tpe" (Optuna's default) or "random"; seeded by the config's seed (+ the worker)
+    sampler: Sampler = "tpe"
     storage: str = "sqlite:///mlruns/optuna.db"  # any SQLAlchemy URL (postgresql://...)
     study_name: str = "medseg"
     workers: int = 1  # processes sharing the study (medseg tune --workers)
@@ -409,6 +429,8 @@ class TrackingConfig(_Section):
     log_model: bool = True
     # also register the logged model under this name in the MLflow model registry
     register_model: str | None = None
+    # MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) per run
+    system_metrics: bool = True
 
 
 @dataclass
@@ -451,9 +473,27 @@ class Config:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Config:
+        """Read a ``.json``, ``.toml``, ``.yaml`` or ``.yml`` config file, or a shipped
+        recipe by name (``kits19``: a name without a suffix that is not a file, see
+        :mod:`medseg.configs`)."""
         path = Path(path)
+        if not path.is_file() and not path.suffix and path.name == str(path):
+            from medseg.configs import list_recipes, recipe_path  # a name, e.g. "kits19"
+
+            recipe = recipe_path(path.name)
+            if recipe is None:
+                raise ConfigError(
+                    f"config {path.name!r} is neither a file nor a shipped recipe; give a "
+                    ".json, .toml, .yaml or .yml file, or one of the recipes: "
+                    + ", ".join(list_recipes())
+                )
+            path = recipe
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
+        if path.suffix not in (".json", ".toml", ".yaml", ".yml"):
+            raise ConfigError(
+                f"config file {path}: expected a .json, .toml, .yaml or .yml file"
+            )
         text = path.read_text()
         try:
             if path.suffix == ".toml":
@@ -461,9 +501,14 @@ class Config:
             elif path.suffix == ".json":
                 values = json.loads(text)
             else:
-                raise ConfigError(f"config file {path}: expected a .json or .toml file")
+                values = _load_yaml(text, path)
         except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
             raise ConfigError(f"config file {path} is not valid: {err}") from err
+        if not isinstance(values, dict):
+            raise ConfigError(
+                f"config file {path}: expected sections (e.g. train: epochs: 5), "
+                f"got a {type(values).__name__}"
+            )
         try:
             return cls.from_dict(values)
         except ConfigError as err:
@@ -525,6 +570,22 @@ class Config:
 
 
 # -- helpers -------------------------------------------------------------------------
+
+
+def _load_yaml(text: str, path: Path) -> Any:
+    """Parse a YAML config (``safe_load``: no Python objects); errors name file and line."""
+    import yaml  # PyYAML; only a YAML config needs it
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(
+            f"config file {path}{where} is not valid YAML: {problem}; fix that line "
+            "(sections are mappings, e.g. 'train:' then '  epochs: 5')"
+        ) from err
 
 # keys of earlier releases and where they went: still read (old files, logged runs)
 RENAMED = {"patch.cache_dir": "preprocess.cache_dir"}
@@ -598,6 +659,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "tune.n_trials": _AT_LEAST_1,
     "tune.timeout": _POSITIVE,
     "tune.workers": _AT_LEAST_1,
+    "tune.pruner_percentile": (lambda v: 0 <= v <= 100, "in [0, 100]"),
     "plan.gpu_memory": _POSITIVE,
 }
 _SECTION_NAMES: dict[type, str] = {}  # filled once Config is defined

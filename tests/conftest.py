@@ -184,3 +184,9 @@ def _no_tracking_uri_from_an_earlier_test(monkeypatch):
     writes it into the environment: one test's store must not become the next one's."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    # mlflow.set_experiment keeps the id in the environment and in the fluent module: an
+    # id of another test's store must not be the next run's experiment
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    from mlflow.tracking import fluent
+
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)

@@ -103,7 +103,7 @@ def test_every_choice_key_is_a_literal():
         "model.normalization", "model.activation", "train.lr_schedule", "train.optimizer",
         "train.precision", "train.loop", "train.strategy", "loss.name", "inference.weighting",
         "evaluation.protocol", "tune.direction", "tune.pruner", "plan.device", "plan.preset",
-        "augment.device",
+        "augment.device", "inference.uncertainty", "tune.sampler",
     } == set(CHOICE_KEYS)
 
 

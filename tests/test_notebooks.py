@@ -275,6 +275,7 @@ OWN_PARAMETERS = {
     "tune": {"run_id", "overrides"},
     "explore_dataset": {"run_id", "overrides", "histogram_cases", "sample_cases"},
     "predict": {"run_id", "model_uris", "case_ids"},
+    "compare_models": {"run_id", "overrides", "variants", "baseline"},
 }
 
 
@@ -291,7 +292,8 @@ def test_notebook_parameters_are_config_keys_left_to_the_config(name):
     config_params = set(params) - OWN_PARAMETERS[name]
     assert config_params <= set(NOTEBOOK_PARAMETERS), config_params - set(NOTEBOOK_PARAMETERS)
     # the defaults a notebook sets itself are the ones it is about; the rest are None
-    own_defaults = {"cross_validate": {"protocol"}, "tune": {"study_name"}}.get(name, set())
+    own_defaults = {"cross_validate": {"protocol"}, "compare_models": {"protocol"},
+                    "tune": {"study_name"}}.get(name, set())
     assert {k for k in config_params if params[k] is not None} == own_defaults
     config = from_parameters(params, params.get("overrides"))
     expected = Config().with_overrides(
@@ -317,3 +319,28 @@ def test_from_parameters_maps_names_to_keys_and_names_a_bad_value():
     assert "model.depth" not in config.explicit_keys  # None: left to the config (or plan)
     with pytest.raises(ConfigError, match=r"'tune.pruner': 'meadian' .*\(notebook parameter 'pruner'\)"):
         from_parameters({"pruner": "meadian"})
+
+
+@pytest.mark.slow
+def test_compare_models_notebook_nests_variants_under_its_run(tiny_data_dir, tmp_path):
+    tracking, client = _store(tmp_path)
+    params = _tiny(tiny_data_dir, folds=2, steps_per_epoch=1,
+                   variants={"model.name": ["unet", "plain_unet"]})
+    output, run_id = run_notebook(
+        ROOT / "notebooks" / "compare_models.ipynb", params, tracking,
+        output=tmp_path / "compare.out.ipynb",
+    )
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["medseg.notebook"] == "compare_models.ipynb"
+    variants = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
+    )
+    assert sorted(v.data.tags["medseg.variant"] for v in variants) == ["plain_unet", "unet"]
+    artifacts = _artifacts(client, run_id)
+    assert {"comparison/table.csv", "comparison/mean_ranks.png",
+            "notebooks/compare.out.ipynb"} <= set(artifacts)
+    text, images = _outputs(output)
+    assert f"study run (variants nested): {run_id}" in text
+    assert "2 variants, 4 paired test cases" in text
+    assert images.count("image/png") == 2

@@ -166,9 +166,8 @@ def test_two_medseg_tune_processes_share_a_postgresql_study(
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
         )
 
-    # the second machine joins a study the first has opened (with its MLflow run): two
-    # processes opening a new study in the same instant can still each make a study run
-    # (a known gap on database servers; sqlite serialises it)
+    # the second machine joins a study the first has opened (with its MLflow run); two
+    # processes opening a new study in the same instant: the test after this one
     workers = [start()]
     deadline = time.monotonic() + 300
     while True:
@@ -232,3 +231,159 @@ def test_a_store_configured_earlier_in_the_process_is_not_taken_for_the_users_ch
     # a value the user sets afterwards counts again
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/user.db")
     assert tracking_from_environment(Config()).tracking_uri == f"sqlite:///{tmp_path}/user.db"
+
+
+# A `medseg tune` process that imports everything first, says so (a file), then waits for
+# the barrier file: two of them open the study within milliseconds of each other.
+_AT_THE_BARRIER = """
+import os, sys, time
+from medseg.cli import main
+import medseg.tuning
+open(sys.argv[1], "w").close()
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.002)
+sys.exit(main(["tune", *sys.argv[3:]]))
+"""
+
+
+@pytest.mark.slow
+def test_two_tune_processes_opening_a_new_study_in_the_same_instant_share_one_study_run(
+    postgres_database, mlflow_server, tiny_data_dir, tmp_path
+):
+    from mlflow.entities import ViewType
+
+    storage = postgres_database("optuna_race")
+    args = _tune_overrides(
+        tiny_data_dir, **{"tune.storage": storage, "tune.study_name": "race", "tune.n_trials": 2,
+                          "tracking.tracking_uri": mlflow_server, "tracking.experiment": "race"}
+    )
+    barrier = tmp_path / "go"
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _AT_THE_BARRIER, str(tmp_path / f"ready{i}"), str(barrier),
+             *args, "--workers", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        )
+        for i in range(2)
+    ]
+    deadline = time.monotonic() + 300
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+        assert all(w.poll() is None for w in workers), [w.communicate()[1][-2000:] for w in workers]
+        assert time.monotonic() < deadline, "the tune processes never got ready"
+        time.sleep(0.1)
+    barrier.touch()
+    outputs = [w.communicate(timeout=900) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("race").experiment_id
+    # every run ever made in the experiment, deleted ones too: one study run, no loser's
+    runs = client.search_runs([experiment], run_view_type=ViewType.ALL)
+    study_runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(study_runs) == 1, [(r.info.run_id, r.info.lifecycle_stage) for r in study_runs]
+    parent = study_runs[0].info.run_id
+    trial_runs = [r for r in runs if r.info.run_id != parent]
+    assert study_runs[0].info.lifecycle_stage == "active"
+    study = optuna.load_study(study_name="race", storage=storage)
+    assert study.user_attrs["mlflow_run_id"] == parent
+    for out, _ in outputs:  # both processes report the same study run
+        assert f"MLflow study run {parent}" in out
+    # every trial is one run nested under it, and nothing else is
+    trials = {t.number: t for t in study.trials}
+    assert {t.state.name for t in trials.values()} == {"COMPLETE"} and len(trials) >= 2
+    nested = {int(r.data.tags["optuna.trial_number"]): r for r in trial_runs}
+    assert sorted(nested) == sorted(trials)
+    for number, run in nested.items():
+        assert run.data.tags["mlflow.parentRunId"] == parent
+        assert trials[number].user_attrs["mlflow_run_id"] == run.info.run_id
+
+
+def test_medseg_ui_on_an_mlflow_server_prints_its_url_and_starts_nothing(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    for argv, extra in (
+        (["--tracking-uri", f"http://ann:s3cret@127.0.0.1:{port}"], {}),
+        ([], {"MLFLOW_TRACKING_URI": f"https://ann:s3cret@mlflow.example.org:{port}"}),
+    ):
+        # a local UI would run until killed: the timeout fails the test
+        done = subprocess.run(
+            [sys.executable, "-m", "medseg.cli", "ui", *argv, "--port", str(free_port())],
+            env={**env, **extra}, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        host = "127.0.0.1" if argv else "mlflow.example.org"
+        assert f"MLflow server http{'' if argv else 's'}://ann:***@{host}:{port}" in done.stdout
+        assert "s3cret" not in done.stdout + done.stderr
+    assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_medseg_ui_serves_a_postgresql_store_on_loopback(postgres_database, tmp_path):
+    import signal
+    import urllib.request
+
+    store = postgres_database("ui_store")
+    client = MlflowClient(store)  # makes MLflow's tables
+    experiment_id = client.create_experiment("ui-demo", artifact_location=tmp_path.as_uri())
+    run_id = client.create_run(experiment_id).info.run_id
+    port = free_port()
+    log = (tmp_path / "ui.log").open("w")
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "medseg.cli", "ui", "--tracking-uri", store, "--port", str(port)],
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2).close()
+                break
+            except OSError:
+                assert ui.poll() is None, (tmp_path / "ui.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "medseg ui did not start"
+                time.sleep(0.5)
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}",
+                                    timeout=30) as response:
+            run = json.load(response)["run"]
+        assert run["info"]["experiment_id"] == experiment_id
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=60)
+        log.close()
+    assert f"MLflow UI on http://127.0.0.1:{port}" in (tmp_path / "ui.log").read_text()
+
+
+def test_a_process_stuck_creating_the_study_run_fails_the_next_one_after_the_lock_timeout(
+    postgres_database, tmp_path, monkeypatch
+):
+    import sqlalchemy
+
+    from medseg.tuning import study as study_module
+
+    storage = postgres_database("optuna_lock")
+    config = Config().with_overrides({
+        "tune.storage": storage, "tune.study_name": "locked",
+        "tune.space": ["train.learning_rate=cat:0.01|0.03"],
+        "tracking.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+        "tracking.artifact_root": str(tmp_path),
+    })
+    study = study_module.open_study(config)
+    key = study_module._lock_key("locked")
+    engine = sqlalchemy.create_engine(storage, poolclass=sqlalchemy.pool.NullPool)
+    monkeypatch.setattr(study_module, "STUDY_LOCK_TIMEOUT", 1)
+    with engine.connect() as holder:  # another process, hung while creating the run
+        holder.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="another process has been creating the MLflow run"):
+            study_module.study_run(study, config)
+        assert time.monotonic() - started < 30
+        assert "mlflow_run_id" not in study.user_attrs
+    # the holder gone, the run is made, and the lock is free again afterwards
+    run_id = study_module.study_run(study, config)
+    assert study_module.load_study(config).user_attrs["mlflow_run_id"] == run_id
+    assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).data.tags[
+        "optuna.study_name"] == "locked"
+    with engine.connect() as other:
+        assert other.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
+    engine.dispose()

@@ -101,9 +101,14 @@ def test_logged_model_loads_from_the_sqlite_store_and_predicts(logged_run):
     model = mlflow.keras.load_model(model_info[0].model_uri)
     x = np.random.default_rng(0).normal(size=(1, 8, 16, 16, 1)).astype(np.float32)
     np.testing.assert_allclose(model.predict(x, verbose=0), result.model.predict(x, verbose=0), atol=1e-5)
-    # the pyfunc flavour honours the logged signature
+    # the pyfunc flavour segments a whole image (no tensor signature: it takes paths or an
+    # image with its spacing) with the plan carried inside the model
     pyfunc = mlflow.pyfunc.load_model(model_info[0].model_uri)
-    assert pyfunc.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, -1, -1, -1, 1)
+    assert pyfunc.metadata.signature is None
+    image = np.random.default_rng(1).normal(size=(12, 20, 20)).astype(np.float32)
+    seg = pyfunc.predict({"image": image, "spacing": [3.0, 1.5, 1.5]})
+    assert seg.shape == image.shape and seg.dtype == np.uint8
+    assert set(np.unique(seg)) <= set(range(len(result.data.class_names)))
 
 
 def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 METRIC, VALUE = "val_case_dice_kidney_mean", 0.8765
 GIF = "overlay_case_00007.gif"
+TABLE, CASE = "evaluation/validation_cases.json", "case_00007"
 
 
 def chromium() -> str:
@@ -43,7 +44,7 @@ def free_port() -> int:
 
 
 def log_demo_run(store: Path) -> tuple[str, str, bytes]:
-    """A tiny run: one param, one metric, an overlay GIF under plots/."""
+    """A tiny run: one param, one metric, an overlay GIF under plots/, a per-case table."""
     import mlflow
 
     from medseg.config import TrackingConfig
@@ -61,6 +62,8 @@ def log_demo_run(store: Path) -> tuple[str, str, bytes]:
         mlflow.log_param("model.filters", 4)
         mlflow.log_metric(METRIC, VALUE)
         mlflow.log_artifact(str(gif), "plots")
+        # as medseg.tracking.artifacts logs per-case scores
+        mlflow.log_table({"case_id": [CASE], "dice_kidney": [VALUE]}, TABLE)
     return experiment_id, run.info.run_id, gif.read_bytes()
 
 
@@ -133,6 +136,17 @@ def test_ui_run_page_shows_metrics_and_gif_artifact(tmp_path):
         dom = dump_until(browser, artifact_page, tmp_path / "profile-gif", pattern)
         assert GIF in dom
         assert re.search(pattern, dom), "the GIF artifact is not shown as an image"
+
+        # MLflow's table JSON is shown as a table: a dice_kidney header, then a row whose
+        # cells hold the case and its score
+        table_page = f"{run_page}/artifacts/{TABLE}"
+        pattern = (
+            r'data-component-type="table_header"[^>]*>[\s\S]*?title="dice_kidney"[\s\S]*?'
+            rf'role="row"[\s\S]*?role="cell"[\s\S]*?>{CASE}<[\s\S]*?role="cell"'
+            rf"[\s\S]*?>{re.escape(str(VALUE))}<"
+        )
+        dom = dump_until(browser, table_page, tmp_path / "profile-table", pattern)
+        assert re.search(pattern, dom), "the per-case table is not rendered as a table"
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

@@ -42,6 +42,7 @@ KNOWN_DATASETS: dict[str, str] = {
     "aal_colin27": "medseg_datasets.aal_colin27",
     "kits19": "medseg_datasets.kits19",
     "msd": "medseg_datasets.msd",
+    "nnunet_raw": "medseg_datasets.nnunet_raw",
 }
 
 
@@ -91,22 +92,50 @@ def prepare(
     config: str | None = None,
     data_dir: str | None = None,
     manual_dir: str | None = None,
+    workers: int = 1,
+    beam_options=None,
 ) -> tfds.core.DatasetBuilder:
     """:func:`get_builder`, then build the dataset unless it is already built.
 
-    Builds in-process with ``download_and_prepare`` (the ``tfds build`` CLI would need
+    Builds with ``download_and_prepare`` (the ``tfds build`` CLI would need
     apache-beam). ``manual_dir`` is where a manually downloaded dataset (``kits19``,
-    ``msd``) lies.
+    ``msd``) lies. ``workers`` processes read the cases (``medseg build`` uses one per
+    core); 1 reads them in this process. The records and the fingerprint do not depend
+    on it. As with any ``multiprocessing`` use, a script calling this with ``workers``
+    above 1 needs the ``if __name__ == "__main__":`` guard (the workers import it).
 
     Concurrent calls for one unbuilt dataset (``medseg tune --workers N``, two
     ``medseg build``) build it once: the build holds :func:`build_lock`, the others wait
     for it (printing one line) and then read what it built.
 
+    ``beam_options`` (Beam's flags, a string such as ``"--runner=DirectRunner
+    --direct_num_workers=2"`` or a list; ``""`` for Beam's defaults) builds with an
+    Apache Beam pipeline instead (:mod:`medseg.datasets.beam`, ``pip install
+    'medseg[beam]'``): the same records and fingerprint, on any Beam runner; ``workers``
+    is then not used (the runner's flags set its parallelism).
+
     Returns
     -------
     tfds.core.DatasetBuilder
         A builder whose dataset is ready for ``as_dataset`` and :func:`read_fingerprint`.
+
+    Raises
+    ------
+    ValueError
+        If ``workers`` is not a whole number >= 1 (checked before anything is read).
+    medseg.config.ConfigError
+        If ``beam_options`` is given but Apache Beam is not installed, or its flags or
+        runner are unusable (checked before anything is read).
     """
+    from medseg.datasets.builder import _check_workers
+
+    workers = _check_workers(workers, "prepare(workers=...) / medseg build --workers")
+    if beam_options is not None:
+        from medseg.datasets.beam import pipeline_options
+
+        beam_options = pipeline_options(
+            beam_options, "prepare(beam_options=...) / medseg build --beam-options"
+        )
     builder = get_builder(name, config=config, data_dir=data_dir)
     if builder.is_prepared():
         return builder
@@ -114,9 +143,14 @@ def prepare(
         if builder.is_prepared():
             # built by the process we waited for; a fresh builder reads its dataset info
             return get_builder(name, config=config, data_dir=data_dir)
+        # read by CaseBuilder's case loop (a plain TFDS builder has no use for it)
+        builder.workers = workers
         download_config = None
-        if manual_dir is not None:
-            download_config = tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+        if manual_dir is not None or beam_options is not None:
+            download_config = tfds.download.DownloadConfig(
+                manual_dir=None if manual_dir is None else str(manual_dir),
+                beam_options=beam_options,
+            )
         try:
             builder.download_and_prepare(download_config=download_config)
         except AssertionError as err:

@@ -5,22 +5,32 @@ A builder subclasses :class:`CaseBuilder`, declares its classes, and returns, pe
 one :class:`~medseg.io.CaseRecord`. Loading lazily, one case at a time, keeps a build's
 memory at the size of the largest case, not of the dataset. A split without cases is
 left out of the dataset (decided before anything is written).
+
+With :attr:`CaseBuilder.workers` above 1 (``medseg build --workers N``), cases are read,
+checked and put in C order by a pool of processes while this one fingerprints and writes
+them, in the same order: the records and the fingerprint are those of a 1-process build.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import multiprocessing
+import pickle
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from medseg.datasets.fingerprint import FingerprintAccumulator, fingerprint_hash
-from medseg.datasets.records import write_split
+from medseg.datasets.records import _c_order_bytes, write_split
+from medseg.progress import is_quiet, start_bar
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +74,19 @@ class CaseExamples:
         Cases the split will yield.
     fingerprint : bool
         Whether the split's labelled cases make up the dataset fingerprint.
+    loaders : list of callables or None
+        The split's case loaders and ``image_dtype`` its image feature's dtype, for a
+        build that reads the cases elsewhere (:mod:`medseg.datasets.beam`).
     """
 
-    def __init__(self, num_cases: int, fingerprint: bool, examples: Iterator):
+    def __init__(
+        self, num_cases: int, fingerprint: bool, examples: Iterator, loaders=None, image_dtype=None
+    ):
         self.num_cases = num_cases
         self.fingerprint = fingerprint
         self._examples = examples
+        self.loaders = loaders
+        self.image_dtype = image_dtype
 
     def __len__(self) -> int:
         return self.num_cases
@@ -93,6 +110,10 @@ class CaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     # composite regions scored beside the classes, e.g. {"kidney_and_tumour": [1, 2]}
     REGIONS: dict[str, list[int]] = {}
+
+    # processes reading cases; 1 reads them in a thread of this process (see
+    # medseg.datasets.prepare, which sets it, and _pool_cases)
+    workers: int = 1
 
     def class_names(self) -> list[str]:
         raise NotImplementedError
@@ -138,7 +159,11 @@ class CaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """
         loaders = list(loaders)
         return CaseExamples(
-            len(loaders), fingerprint, self._iter_cases(loaders, fingerprint, image_dtype)
+            len(loaders),
+            fingerprint,
+            self._iter_cases(loaders, fingerprint, image_dtype),
+            loaders=loaders,
+            image_dtype=image_dtype,
         )
 
     def _iter_cases(self, loaders: list[Callable[[], Any]], fingerprint: bool, image_dtype):
@@ -149,9 +174,19 @@ class CaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             self._fingerprint_acc = acc
         seen: dict[str, int] = {}
         start = time.perf_counter()
+        workers = _check_workers(self.workers, f"{self.name}: workers")
+        if workers > 1 and len(loaders) > 1 and _picklable(loaders, self.name):
+            workers = min(workers, len(loaders))
+            log.info("%s: reading %d cases in %d processes", self.name, len(loaders), workers)
+            cases = _pool_cases(loaders, len(names), image_dtype, workers)
+        else:
+            cases = _lookahead(loaders)
+        # a bar on a terminal (medseg.progress) replaces the per-case log lines
+        bar = start_bar(len(loaders), f"build {self.name}", unit="case")
+        cases = _counted(cases, bar)
         # no enumerate(): its cached result tuple would keep the previous case alive
         index = -1
-        for record in _lookahead(loaders):
+        for record in cases:
             index += 1
             if record.case_id in seen:
                 raise ValueError(
@@ -159,34 +194,26 @@ class CaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     f"({record.source or record.case_id}) repeats case {seen[record.case_id] + 1}"
                 )
             seen[record.case_id] = index
-            image = record.image
-            if image_dtype is not None:
-                image = _cast_checked(image, image_dtype, record.source or record.case_id)
-            label = record.label
-            if label is None:
-                label = np.zeros(NO_LABEL_SHAPE, np.uint8)
-            else:
-                _check_labels(label, len(names), record.source or record.case_id)
-                label = label.astype(np.uint8, copy=False)
-            # the spacing exactly as stored, so a fingerprint recomputed from the records
-            # equals this one
-            spacing = np.asarray(record.spacing, np.float32)
-            if acc is not None and record.label is not None:
+            if not isinstance(record, _Case):  # read here, not checked by a worker
+                record = _checked_case(record, len(names), image_dtype)
+            image, label, spacing = record.image, record.label, record.spacing
+            if acc is not None and record.labelled:
                 acc.add(image, label, spacing)
-            log.info(
-                "%s: case %d/%d %s %s (%.1f s)",
-                self.name,
-                index + 1,
-                len(loaders),
-                record.case_id,
-                tuple(image.shape),
-                time.perf_counter() - start,
-            )
+            if not bar.active and not is_quiet():
+                log.info(
+                    "%s: case %d/%d %s %s (%.1f s)",
+                    self.name,
+                    index + 1,
+                    len(loaders),
+                    record.case_id,
+                    tuple(image.shape),
+                    time.perf_counter() - start,
+                )
             example = {
                 "image": image,
                 "label": label,
                 "spacing": spacing,
-                "affine": np.asarray(record.affine, np.float64),
+                "affine": record.affine,
                 "case_id": record.case_id,
             }
             # drop this case before the next is taken from the lookahead, so at most two
@@ -212,8 +239,21 @@ class CaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         # TFDS requires the method; medseg's builders all generate through _generate_cases
         return self._generate_cases(*args, **kwargs)
 
+    # set by medseg.datasets.beam when imported: (builder, generators, download_config)
+    beam_split_writer = None
+
     def _generate_splits(self, dl_manager, download_config):
         generators = self._nonempty_splits(dl_manager)
+        if download_config.beam_options is not None or download_config.beam_runner is not None:
+            # a Beam pipeline reads and writes the cases (medseg build --beam); the Beam
+            # module plugs itself in when imported, so the builder never imports Beam
+            if CaseBuilder.beam_split_writer is None:
+                raise ValueError(
+                    f"{self.info.full_name}: beam_options given, but the Beam build is not "
+                    "loaded: import medseg.datasets.beam first, or build with "
+                    "medseg.datasets.prepare(..., beam_options=...) / medseg build --beam"
+                )
+            return CaseBuilder.beam_split_writer(self, generators, download_config)
         if self.info.file_format != tfds.core.FileFormat.TFRECORD:
             # TFDS's writer asks _split_generators itself: answer with the kept splits
             with tfds.core.utils.temporary_assignment(
@@ -277,6 +317,26 @@ class CaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.info.metadata["fingerprint_hash"] = fingerprint_hash(fingerprint)
 
 
+def _counted(cases: Iterator, bar) -> Iterator:
+    """``cases``, advancing ``bar`` once each case is consumed (written), closing it at the end.
+
+    No ``for`` loop: its variable would hold the previous case while the next one loads.
+    """
+    cases = iter(cases)
+    try:
+        while True:
+            try:
+                record = next(cases)
+            except StopIteration:
+                return
+            bar.set_postfix_str(str(record.case_id), refresh=False)
+            yield record
+            del record
+            bar.update()
+    finally:
+        bar.close()
+
+
 def _lookahead(loaders: list[Callable[[], Any]]):
     """Yield ``loader()`` for every loader, the next one loading in a thread meanwhile.
 
@@ -300,6 +360,143 @@ def _lookahead(loaders: list[Callable[[], Any]]):
         finally:
             if pending is not None:
                 pending.cancel()
+
+
+class _Case(NamedTuple):
+    """One case checked and cast as it is written (``label`` empty when unlabelled)."""
+
+    case_id: str
+    source: str
+    image: np.ndarray
+    label: np.ndarray
+    labelled: bool
+    spacing: np.ndarray
+    affine: np.ndarray
+
+
+def _checked_case(record, num_classes: int, image_dtype, contiguous: bool = False) -> _Case:
+    """A loaded :class:`~medseg.io.CaseRecord` range-checked and cast to the features'
+    dtypes; with ``contiguous``, its volumes in C order (what the records store)."""
+    source = record.source or record.case_id
+    image = record.image
+    if image_dtype is not None:
+        image = _cast_checked(image, image_dtype, source)
+    label = record.label
+    if label is None:
+        label = np.zeros(NO_LABEL_SHAPE, np.uint8)
+    else:
+        _check_labels(label, num_classes, source)
+        label = label.astype(np.uint8, copy=False)
+    if contiguous:
+        # done by the worker, this is most of the writer's serialisation (NIfTI volumes
+        # are Fortran-ordered); the writer then only joins the bytes
+        image, label = _c_order(image), _c_order(label)
+    return _Case(
+        record.case_id,
+        source,
+        image,
+        label,
+        record.label is not None,
+        # the spacing exactly as stored, so a fingerprint recomputed from the records
+        # equals this one
+        np.asarray(record.spacing, np.float32),
+        np.asarray(record.affine, np.float64),
+    )
+
+
+def _c_order(array: np.ndarray) -> np.ndarray:
+    if array.flags.c_contiguous:
+        return array
+    return np.frombuffer(_c_order_bytes(array), array.dtype).reshape(array.shape)
+
+
+def _check_workers(workers, where: str) -> int:
+    """``workers`` as an int >= 1, or a ValueError naming ``where``."""
+    if isinstance(workers, bool) or not isinstance(workers, int | np.integer) or workers < 1:
+        raise ValueError(
+            f"{where} must be a whole number of processes >= 1, got {workers!r} "
+            "(1 builds in this process; the default is one per core)"
+        )
+    return int(workers)
+
+
+def _picklable(loaders: list[Callable[[], Any]], name: str) -> bool:
+    """Whether every loader can be sent to a worker process (a lambda cannot)."""
+    try:
+        pickle.dumps(loaders)
+    except (pickle.PicklingError, AttributeError, TypeError) as err:
+        log.info("%s: cases are read in this process (loaders cannot be pickled: %s)", name, err)
+        return False
+    return True
+
+
+def _describe(loader: Callable[[], Any]) -> str:
+    """The files (or arguments) a loader reads, for an error raised before it returns."""
+    if isinstance(loader, functools.partial):
+        return ", ".join(str(arg) for arg in loader.args if arg is not None) or repr(loader)
+    return repr(loader)
+
+
+def _load_in_worker(loader: Callable[[], Any], num_classes: int, image_dtype) -> _Case:
+    """Run in a pool process: load and check one case.
+
+    An exception that could not travel back to the parent (unpicklable, or losing its
+    message on the way) is replaced by a ValueError with the same text, so the parent
+    reports the case's error, not a pickling one.
+    """
+    try:
+        return _checked_case(loader(), num_classes, image_dtype, contiguous=True)
+    except Exception as err:
+        try:
+            copy = pickle.loads(pickle.dumps(err))
+            travels = str(copy) == str(err) and type(copy) is type(err)
+        except Exception:  # noqa: BLE001 - any failure means it cannot travel
+            travels = False
+        if travels:
+            raise
+        raise ValueError(f"{type(err).__name__}: {err}") from None
+
+
+def _pool_cases(
+    loaders: list[Callable[[], Any]], num_classes: int, image_dtype, workers: int
+) -> Iterator[_Case]:
+    """Yield every loader's checked case, in order, loaded by ``workers`` processes.
+
+    At most ``workers + 1`` cases are being loaded or waiting while the caller holds
+    one. The processes come from a ``forkserver`` (TensorFlow's threads in this process
+    make ``fork`` unsafe) that imports the loaders' modules once. A loader's exception
+    is raised, with its class and message, when its case is reached; a worker that
+    dies (e.g. killed for memory) is reported naming its case's files. Pending loads
+    are cancelled and the processes ended when the caller stops early or fails.
+    """
+    context = multiprocessing.get_context("forkserver")
+    modules = {getattr(getattr(f, "func", f), "__module__", None) for f in loaders}
+    context.set_forkserver_preload(sorted(m for m in modules | {__name__} if m))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    pending: deque = deque()
+    try:
+        submitted = 0
+        for index in range(len(loaders)):
+            while submitted < len(loaders) and len(pending) < workers + 1:
+                future = pool.submit(_load_in_worker, loaders[submitted], num_classes, image_dtype)
+                pending.append(future)
+                submitted += 1
+            future = pending.popleft()
+            try:
+                case = future.result()
+            except BrokenProcessPool as err:
+                raise RuntimeError(
+                    f"a build worker process died while reading case {index + 1} "
+                    f"({_describe(loaders[index])}), e.g. killed for lack of memory; "
+                    "retry with fewer workers (--workers 1 reads in this process)"
+                ) from err
+            del future
+            yield case
+            del case
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_labels(label: np.ndarray, num_classes: int, source: str) -> None:

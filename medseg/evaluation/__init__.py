@@ -1,9 +1,19 @@
-"""Per-case metrics, evaluation protocols and visual reports of segmentations.
+"""Per-case metrics, calibration, evaluation protocols and visual reports of segmentations.
 
 Pure: arrays in, numbers and pictures out. The workflows that train and score models
 (:mod:`medseg.workflows`) build on it, never the reverse.
 """
 
+from medseg.evaluation.calibration import (
+    CalibrationAccumulator,
+    apply_temperature,
+    expected_calibration_error,
+    fit_temperature,
+    plot_reliability_diagram,
+    read_temperature,
+    reliability_curve,
+    write_temperature,
+)
 from medseg.evaluation.metrics import (
     METRICS,
     Score,
@@ -36,6 +46,14 @@ from medseg.evaluation.visuals import overlay_frames, plot_learning_curves, writ
 
 __all__ = [
     "METRICS",
+    "CalibrationAccumulator",
+    "apply_temperature",
+    "expected_calibration_error",
+    "fit_temperature",
+    "plot_reliability_diagram",
+    "read_temperature",
+    "reliability_curve",
+    "write_temperature",
     "Score",
     "long_scores",
     "score_key",

@@ -26,6 +26,7 @@ __all__ = [
     "kfold_splits",
     "leave_one_out_splits",
     "load_or_create_splits",
+    "nnunet_splits",
     "percentage_split",
 ]
 
@@ -222,7 +223,9 @@ def load_or_create_splits(
     Parameters
     ----------
     path : path-like
-        JSON file ``{"protocol", "num_folds", "seed", "case_ids", "folds": [...]}``.
+        JSON file ``{"protocol", "num_folds", "seed", "case_ids", "folds": [...]}``, or
+        nnU-Net's ``splits_final.json`` (a list of ``{"train": [...], "val": [...]}``),
+        read by :func:`nnunet_splits` and never rewritten.
     case_ids : sequence of str
         The cases of the training split now.
     protocol : {"kfold", "loo"}
@@ -242,6 +245,8 @@ def load_or_create_splits(
         raise ValueError(f"saved splits are for 'kfold' and 'loo', not {protocol!r}")
     if path.exists():
         data = read_json(path, "splits file")
+        if isinstance(data, list):  # nnU-Net's splits_final.json
+            return nnunet_splits(data, ids, protocol, k, where=f"splits file {path}")
         saved = sorted(data.get("case_ids", [])) if isinstance(data, dict) else None
         if saved is not None and saved != ids:
             missing = sorted(set(ids) - set(saved))
@@ -262,4 +267,65 @@ def load_or_create_splits(
         return list(Splits.from_dict(data, where=f"splits file {path}").folds)
     folds = leave_one_out_splits(ids) if protocol == "loo" else kfold_splits(ids, k, seed)
     Splits(protocol, seed, tuple(ids), tuple(folds)).save(path)
+    return folds
+
+
+def nnunet_splits(
+    data: object, case_ids: Sequence[str], protocol: str, k: int, where: str = "splits"
+) -> list[Fold]:
+    """The folds of nnU-Net's ``splits_final.json``: fold ``i`` trains on ``train``, tests
+    on ``val``.
+
+    Parameters
+    ----------
+    data : list of dict
+        The file's content, ``[{"train": [...], "val": [...]}, ...]``.
+    case_ids : sequence of str
+        The cases of the training split now.
+    protocol : str
+        ``evaluation.protocol``; must be ``"kfold"`` (nnU-Net's folds are k-fold).
+    k : int
+        ``evaluation.folds``; must equal the number of folds in the file.
+    where : str
+        The file, for errors.
+
+    Raises
+    ------
+    ValueError
+        Naming the file: not that layout, another protocol or fold count, case ids not in
+        the data, or a fold whose train and val lists overlap.
+    """
+    if protocol != "kfold":
+        raise ValueError(
+            f"{where} is nnU-Net's splits_final.json (k-fold) but evaluation.protocol is "
+            f"{protocol!r}; set evaluation.protocol=kfold"
+        )
+    if not isinstance(data, list) or not data or not all(
+        isinstance(f, dict) and isinstance(f.get("train"), list) and isinstance(f.get("val"), list)
+        for f in data
+    ):
+        raise ValueError(
+            f"{where} is neither a medseg splits file nor nnU-Net's splits_final.json "
+            '(a list of {"train": [...], "val": [...]})'
+        )
+    if len(data) != k:
+        raise ValueError(
+            f"{where} holds {len(data)} nnU-Net folds but evaluation.folds is {k}; "
+            f"set evaluation.folds={len(data)}"
+        )
+    known = set(case_ids)
+    folds = []
+    for i, fold in enumerate(data):
+        train = _unique_sorted(fold["train"], f"{where} fold {i} train")
+        test = _unique_sorted(fold["val"], f"{where} fold {i} val")
+        unknown = sorted((set(train) | set(test)) - known)
+        if unknown:
+            raise ValueError(
+                f"{where}: fold {i} names case ids not in the dataset: {unknown[:10]}"
+                f"{' ...' if len(unknown) > 10 else ''}; was it made for another dataset?"
+            )
+        both = sorted(set(train) & set(test))
+        if both:
+            raise ValueError(f"{where}: fold {i} has cases both in train and val: {both[:10]}")
+        folds.append(Fold(f"fold_{i}", train, test))
     return folds

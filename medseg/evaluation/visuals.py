@@ -27,8 +27,10 @@ __all__ = [
     "plot_learning_curves",
     "plot_metric_boxplots",
     "slice_montage",
+    "uncertainty_frames",
     "write_overlay_gif",
     "write_slice_montage",
+    "write_uncertainty_gif",
 ]
 
 #: KiTS colours: kidney red, tumour blue.
@@ -359,6 +361,87 @@ def write_overlay_gif(
     volume with runs of identical slices reads back with fewer frames.
     """
     frames = overlay_frames(image, truth, pred, axis=axis, **kw)
+
+    def write(tmp: Path) -> None:
+        iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)
+
+    return write_atomically(path, write)
+
+
+def uncertainty_frames(
+    image: np.ndarray,
+    seg: np.ndarray,
+    entropy: np.ndarray,
+    axis: int = 0,
+    vmax: float | None = None,
+    *,
+    spacing: Sequence[float] | None = None,
+    gap: int = 2,
+    margin: int | None = 8,
+    max_frames: int | None = 64,
+    max_size: int | None = 256,
+) -> np.ndarray:
+    """Render a case as image | segmentation | entropy heat map panels.
+
+    Cropped to the segmentation's neighbourhood and capped like `overlay_frames`, built in
+    uint8 frame by frame.
+
+    Parameters
+    ----------
+    image, seg : ndarray, shape ``(D, H, W)``
+        Intensities and the predicted label map.
+    entropy : ndarray, shape ``(D, H, W)``
+        Per-voxel uncertainty (e.g. predictive entropy in nats).
+    axis : int, optional
+        Axis to slice along.
+    vmax : float, optional
+        Uncertainty drawn at full heat (``ln K`` for the entropy of ``K`` classes);
+        default the largest value shown. 0 and below is black (inferno colour map).
+    spacing, gap, margin, max_frames, max_size
+        As in `overlay_frames`.
+
+    Returns
+    -------
+    frames : ndarray of uint8, shape ``(frames, H', 3 W' + 2 gap, 3)``
+    """
+    from matplotlib import colormaps  # imported here: metrics users do not pay for it
+
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be a positive number (or None), got {max_frames}")
+    if vmax is not None and not (np.isfinite(vmax) and vmax > 0):
+        raise ValueError(f"vmax must be a positive finite number (or None), got {vmax}")
+    entropy = _as_volume(entropy, "entropy")
+    if entropy.shape != _as_volume(image, "image").shape:
+        raise ValueError(f"entropy shape {entropy.shape} differs from image shape {image.shape}")
+    frames, indices = _overlay(
+        image, seg, None, axis, lambda present, span: _spread(span, max_frames),
+        spacing=spacing, gap=gap, prediction_panel=False, margin=margin, max_size=max_size,
+    )
+    axis = int(axis) % 3
+    box = _crop_box(_label_presence([_as_volume(seg, "seg")], entropy.shape), margin)
+    if vmax is None:  # the largest value in the slices shown (a small crop, not the volume)
+        shown = entropy[tuple(box[a] if a != axis else indices for a in range(3))]
+        top = float(np.nanmax(shown)) if shown.size else 0.0
+        vmax = top if top > 0 else 1.0
+    heat = _render(entropy, [], axis, indices, box, {}, 0.0, (0.0, vmax), spacing, 0, max_size)
+    rgb = colormaps["inferno"](heat[..., 0].astype(np.float32) / 255.0)[..., :3]
+    heat = np.round(rgb * 255).astype(np.uint8)
+    spacer = np.full((*heat.shape[:2], gap, 3), 255, np.uint8)
+    return np.concatenate([frames, spacer, heat], axis=2)
+
+
+def write_uncertainty_gif(
+    path: str | os.PathLike,
+    image: np.ndarray,
+    seg: np.ndarray,
+    entropy: np.ndarray,
+    axis: int = 0,
+    fps: float = 8,
+    **kw,
+) -> Path:
+    """Write the frames of `uncertainty_frames` (image | segmentation | entropy) as a
+    looping GIF, atomically; ``**kw`` as `uncertainty_frames`. Returns the path."""
+    frames = uncertainty_frames(image, seg, entropy, axis=axis, **kw)
 
     def write(tmp: Path) -> None:
         iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)

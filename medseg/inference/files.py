@@ -8,7 +8,9 @@ what made them (:func:`provenance_key`: the models, the plan, the options that c
 result, the source file). Every file is written atomically and the record last, so an
 interrupted run leaves no partial file and no record of an unfinished case; a rerun skips
 the cases whose record matches and predicts the others again (another model or options:
-the outputs are replaced, and the log says so).
+the outputs are replaced, and the log says so). With ``uncertainty``, each case also gets
+``<case>_entropy.nii.gz`` and ``<case>_mutual_info.nii.gz`` (float32, nats) and
+``<case>_uncertainty.json`` and ``.gif`` (:mod:`medseg.inference.uncertainty`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from medseg.io import MedsegIOError, read_case, write_like, write_nifti
 from medseg.io.jsonfile import write_json
 from medseg.io.nifti import nifti_suffix
 from medseg.pipeline.preprocess import MAX_RESAMPLED_VOXELS
+from medseg.progress import is_quiet, start_bar
 
 __all__ = [
     "PredictionFailed",
@@ -50,6 +53,9 @@ __all__ = [
 
 # what predict_files writes per case: <case><suffix>
 _OUTPUT_SUFFIXES = ("_seg.nii.gz", "_prob.nii.gz")
+# with --uncertainty, also (uncertainty.py): the maps, then the summary and its GIF
+_UNCERTAINTY_SUFFIXES = ("_entropy.nii.gz", "_mutual_info.nii.gz")
+_SUMMARY_SUFFIXES = ("_uncertainty.json", "_uncertainty.gif")
 _SIDECAR_SUFFIX = "_provenance.json"
 
 
@@ -103,14 +109,18 @@ def load_model_file(path: str | os.PathLike) -> keras.Model:
 
 def find_inputs(
     inputs: Sequence[str | os.PathLike], log: Callable[[str], None] | None = None
-) -> list[tuple[str, Path]]:
-    """The cases to predict, as ``(case_id, path)``.
+) -> list[tuple[str, Path | tuple[Path, ...]]]:
+    """The cases to predict, as ``(case_id, path)`` (or ``(case_id, channel paths)``).
 
     Parameters
     ----------
     inputs : sequence of path
         NIfTI files (case id: the name without ``.nii``/``.nii.gz``), folders of NIfTI
         files (each file a case) and DICOM series folders (case id: the folder name).
+        A folder whose files are all named ``<case>_XXXX.nii.gz`` (4 digits), with some
+        ``XXXX`` other than ``0000``, is in nnU-Net's layout: each case's files are its
+        channels, returned as a tuple of paths in channel order, case id without the
+        suffix. (A folder of ``_0000`` files alone keeps one case per file, as before.)
         In a folder, hidden files are skipped (macOS ``._*`` resource forks that MSD
         archives carry, ``.DS_Store``, the temporary files of an interrupted write), and
         so are the outputs of :func:`predict_files` (a ``<case>_seg.nii.gz`` or
@@ -124,8 +134,9 @@ def find_inputs(
     FileNotFoundError
         An input does not exist.
     ValueError
-        An input file is not NIfTI, or two inputs have the same case id (their outputs
-        would overwrite each other).
+        An input file is not NIfTI, two inputs have the same case id (their outputs
+        would overwrite each other), or an nnU-Net-layout case misses a channel file or
+        has one more than the others (naming the folder and case).
     """
     cases: list[tuple[str, Path]] = []
     for item in inputs:
@@ -140,7 +151,25 @@ def find_inputs(
             if outputs and log:
                 log(f"{path}: skipped {len(outputs)} output(s) of medseg predict")
             files = [p for p in files if p not in outputs]
-            if files or outputs:  # a folder of NIfTI files, maybe none left to predict
+            channels = [re.fullmatch(r"(.+)_(\d{4})", _case_id(p)) for p in files]
+            if files and all(channels) and any(m[2] != "0000" for m in channels):
+                # nnU-Net's layout: <case>_0000, <case>_0001, ... are one case's channels
+                groups: dict[str, dict[int, Path]] = {}
+                for match, p in zip(channels, files, strict=True):
+                    groups.setdefault(match[1], {})[int(match[2])] = p
+                # the channel count most cases have: a case off it is the one named
+                sizes = [len(g) for g in groups.values()]
+                count = max(set(sizes), key=lambda n: (sizes.count(n), n))
+                for case_id, group in groups.items():
+                    if sorted(group) != list(range(count)):
+                        have = ", ".join(f"_{c:04d}" for c in sorted(group))
+                        raise ValueError(
+                            f"{path}: case {case_id!r} has channel files {have}, but its "
+                            f"cases have {count} channels (_0000 .. _{count - 1:04d}); "
+                            "add the missing file or remove the extra one"
+                        )
+                    cases.append((case_id, tuple(group[c] for c in range(count))))
+            elif files or outputs:  # a folder of NIfTI files, maybe none left to predict
                 cases += [(_case_id(p), p) for p in files]
             else:  # a DICOM series; read_case says so if it holds no DICOM files
                 cases.append((path.name, path))
@@ -174,7 +203,7 @@ def _case_id(path: Path) -> str:
 
 def _is_output(path: Path) -> bool:
     # a name alone is no proof (a user's image may end in _seg): the record beside it is
-    for suffix in _OUTPUT_SUFFIXES:
+    for suffix in _OUTPUT_SUFFIXES + _UNCERTAINTY_SUFFIXES:
         if path.name.endswith(suffix):
             case_id = path.name[: -len(suffix)]
             return sidecar_path(path.parent, case_id).is_file()
@@ -309,13 +338,18 @@ def provenance_key(
     return json.loads(json.dumps(key))  # as it reads back from the file: tuples are lists
 
 
-def _source_identity(path: Path) -> dict[str, Any]:
+def _source_identity(path: Path | tuple[Path, ...]) -> dict[str, Any]:
     # size and modification time: a re-exported source is predicted again, without
     # hashing every input on every rerun
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    if isinstance(path, tuple):  # one case's channel files
+        files = list(path)
+    else:
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     stats = [p.stat() for p in files]
     return {
-        "source": str(path.resolve()),
+        "source": (
+            [str(p.resolve()) for p in path] if isinstance(path, tuple) else str(path.resolve())
+        ),
         "source_bytes": sum(s.st_size for s in stats),
         "source_mtime_ns": max((s.st_mtime_ns for s in stats), default=0),
     }
@@ -366,6 +400,10 @@ def predict_files(
     keep_going: bool = False,
     sources: Sequence[dict[str, Any]] | None = None,
     max_voxels: int = MAX_RESAMPLED_VOXELS,
+    uncertainty: str = "none",
+    uncertainty_samples: int = 10,
+    seed: int | None = None,
+    temperature: float | None = None,
 ) -> list[Path]:
     """Predict every case of ``inputs`` and write its label map (and probabilities).
 
@@ -400,11 +438,26 @@ def predict_files(
     max_voxels : int, optional
         The largest preprocessed grid accepted per case
         (:func:`~medseg.pipeline.preprocess.check_resampling`).
+    uncertainty : {"none", "tta", "ensemble", "mc-dropout"}, optional
+        Also write ``<case>_entropy.nii.gz`` and ``<case>_mutual_info.nii.gz`` (float32,
+        nats, on the source grid), ``<case>_uncertainty.json`` (per structure) and
+        ``<case>_uncertainty.gif`` from several probability samples
+        (:func:`~medseg.inference.uncertainty.sample_sets`); the label map is then the
+        argmax of the samples' mean.
+    uncertainty_samples : int, optional
+        Number of mc-dropout passes.
+    seed : int, optional
+        Fixes the mc-dropout masks (the same for every case).
+    temperature : float, optional
+        Calibrates the written probabilities (:func:`~medseg.evaluation.calibration.
+        apply_temperature`, e.g. the training run's ``temperature.json``); the labels, an
+        argmax, do not change.
 
     Returns
     -------
     list of Path
-        The NIfTI files written (each case also writes its provenance record).
+        The NIfTI files written (each case also writes its provenance record, and with
+        ``uncertainty`` its summary and GIF).
 
     Raises
     ------
@@ -423,22 +476,41 @@ def predict_files(
     window = window or SlidingWindow.from_plan(plan, InferenceConfig())
     models = list(model) if isinstance(model, list | tuple) else [model]
     common = provenance_key(models, plan, window, sources)
+    if temperature is not None and probabilities:
+        common["options"]["temperature"] = float(temperature)
+    sampling = None
+    if uncertainty != "none":  # checked before any case is read
+        from medseg.inference.uncertainty import sample_sets
+
+        names = [str(s.get("model")) for s in sources] if sources else None
+        sampling = sample_sets(models, window, uncertainty, uncertainty_samples, seed, names)
+        common["options"]["uncertainty"] = {"method": uncertainty, "samples": len(sampling[0])}
+        if uncertainty == "mc-dropout":
+            common["options"]["uncertainty"]["seed"] = seed
     written: list[Path] = []
     failures: list[tuple[str, Path, str]] = []
-    for case_id, path in cases:
-        try:
-            written += _predict_one(
-                models, plan, window, case_id, path, output_dir, common,
-                probabilities=probabilities, overwrite=overwrite, log=log,
-                max_voxels=max_voxels,
-            )
-        except Exception as err:
-            if not keep_going:
-                raise
-            message = str(err) if str(path) in str(err) else f"{path}: {err}"
-            failures.append((case_id, path, f"{type(err).__name__}: {message}"))
-            if log:
-                log(f"{case_id}: failed, {type(err).__name__}: {message}")
+    # one step per case (medseg.progress); the per-case lines are printed above the bar
+    with start_bar(len(cases), "predict", unit="case") as bar:
+        if log is print:  # the default per-case lines: above the bar, none when quiet
+            log = None if is_quiet() else bar.write
+        for case_id, path in cases:
+            bar.set_postfix_str(case_id)
+            try:
+                written += _predict_one(
+                    models, plan, window, case_id, path, output_dir, common,
+                    probabilities=probabilities, overwrite=overwrite, log=log,
+                temperature=temperature,
+                    max_voxels=max_voxels, sampling=sampling,
+                )
+            except Exception as err:
+                if not keep_going:
+                    raise
+                where = path[0] if isinstance(path, tuple) else path
+                message = str(err) if str(where) in str(err) else f"{where}: {err}"
+                failures.append((case_id, path, f"{type(err).__name__}: {message}"))
+                if log:
+                    log(f"{case_id}: failed, {type(err).__name__}: {message}")
+            bar.update()
     if failures:
         lines = "\n".join(f"  {case_id}: {message}" for case_id, _, message in failures)
         raise PredictionFailed(
@@ -465,13 +537,19 @@ def _check_output_dir(output_dir: Path, inputs: Sequence[str | os.PathLike]) -> 
 
 def _predict_one(
     models, plan, window, case_id, path, output_dir, common, *, probabilities, overwrite,
-    log, max_voxels,
+    log, max_voxels, sampling=None, temperature=None,
 ) -> list[Path]:
     """Predict one case unless its outputs are up to date; the files written."""
     seg_path, prob_path = output_paths(output_dir, case_id)
     record_path = sidecar_path(output_dir, case_id)
+    extra_paths = [output_dir / f"{case_id}{s}" for s in _UNCERTAINTY_SUFFIXES]
+    summary_path, gif_path = (output_dir / f"{case_id}{s}" for s in _SUMMARY_SUFFIXES)
     key = {**common, **_source_identity(path)}
-    if not overwrite and seg_path.exists() and (prob_path.exists() or not probabilities):
+    complete = sampling is None or all(p.exists() for p in [*extra_paths, summary_path])
+    if (
+        not overwrite and seg_path.exists() and (prob_path.exists() or not probabilities)
+        and complete
+    ):
         recorded = _read_record(record_path)
         if recorded is not None and recorded.get("key") == key:
             if log:
@@ -485,41 +563,51 @@ def _predict_one(
                 why = f"was made otherwise ({'; '.join(changes)})"
             log(f"{case_id}: {seg_path} {why}: predicting it again, replacing it")
     record = read_case(case_id, path)
-    _check_channels(models, record.image, path, plan.slab)
-    labels, probs = predict_case(
-        models,
-        record.image,
-        record.spacing,
-        plan.preprocess,
-        plan.patch_size,
-        len(plan.class_names),
-        probabilities=probabilities,
-        slab=plan.slab,
-        window=window,
-        max_voxels=max_voxels,
-        name=str(path),
-    )
+    where = path[0] if isinstance(path, tuple) else path  # errors name the first channel
+    _check_channels(models, record.image, where, plan.slab)
+    if sampling is not None:
+        labels, probs, maps, summary = _predict_samples(sampling, record, plan, max_voxels, where)
+    else:
+        labels, probs = _predict_single(models, record, plan, window, probabilities,
+                                        max_voxels, where)
     labels = apply_postprocessing(labels, plan.postprocessing, record.spacing)
     outputs = [(seg_path, labels)]
     if probabilities:
+        if temperature is not None:
+            from medseg.evaluation.calibration import apply_temperature
+
+            probs = apply_temperature(probs, temperature).astype(np.float32)
         outputs.append((prob_path, probs))
+    if sampling is not None:
+        outputs += list(zip(extra_paths, maps, strict=True))
     # the old record goes first and the new one comes last: outputs without a record are
     # never taken for finished ones, whenever a run is interrupted
     record_path.unlink(missing_ok=True)
     if not probabilities:  # an older run's, from other settings: not left beside new labels
         prob_path.unlink(missing_ok=True)
+    if sampling is None:  # likewise an older run's uncertainty
+        for stale in (*extra_paths, summary_path, gif_path):
+            stale.unlink(missing_ok=True)
     written = []
     for out_path, array in outputs:
-        if path.is_dir():  # DICOM: the affine read from the series, a fresh header
+        if where.is_dir():  # DICOM: the affine read from the series, a fresh header
             write_nifti(out_path, array, record.affine)
-        else:
-            write_like(out_path, array, path)
+        else:  # channel files share one grid: the first one's header
+            write_like(out_path, array, where)
         written.append(out_path)
+    if sampling is not None:
+        from medseg.evaluation.visuals import write_uncertainty_gif
+
+        method = common["options"]["uncertainty"]["method"]
+        write_json(summary_path, {"case_id": case_id, "method": method, **summary})
+        image = record.image if record.image.ndim == 3 else record.image[..., 0]
+        write_uncertainty_gif(gif_path, image, labels, maps[0], vmax=summary["max_entropy"])
+    reports = [summary_path, gif_path] if sampling is not None else []
     write_json(
         record_path,
         {
             "case_id": case_id,
-            "outputs": [p.name for p in written],
+            "outputs": [p.name for p in [*written, *reports]],
             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "key": key,
         },
@@ -532,6 +620,49 @@ def _predict_one(
         )
         log(f"{case_id}: {seg_path} ({found} voxels)")
     return written
+
+
+def _predict_single(models, record, plan, window, probabilities, max_voxels, path):
+    return predict_case(
+        models,
+        record.image,
+        record.spacing,
+        plan.preprocess,
+        plan.patch_size,
+        len(plan.class_names),
+        probabilities=probabilities,
+        slab=plan.slab,
+        window=window,
+        max_voxels=max_voxels,
+        name=str(path),
+    )
+
+
+def _predict_samples(sampling, record, plan, max_voxels, path):
+    """Labels (argmax of the samples' mean), mean probabilities, the entropy and mutual
+    information maps and the per-structure summary of one case."""
+    from medseg.inference.predictor import predict_case_samples
+    from medseg.inference.uncertainty import SampleStatistics, uncertainty_summary
+
+    sets, reset = sampling
+    reset()  # the same dropout masks for every case, whatever was predicted before
+    stats = SampleStatistics()
+    for probs in predict_case_samples(
+        sets, record.image, record.spacing, plan.preprocess, len(plan.class_names),
+        slab=plan.slab, max_voxels=max_voxels, name=str(path),
+    ):
+        stats.add(probs)
+    mean = stats.mean()
+    labels = np.argmax(mean, axis=-1).astype(np.uint8)
+    entropy, mutual_info = stats.entropy(), stats.mutual_information()
+    summary = uncertainty_summary(
+        labels, entropy, stats.labels, plan.class_names, mutual_info=mutual_info
+    )
+    # the structures are those of the consensus before postprocessing: what the samples vote
+    summary["segmentation"] = "argmax of the samples' mean probabilities, not postprocessed"
+    summary["mean_mutual_info"] = float(mutual_info.mean(dtype=np.float64))
+    summary["mean_variance"] = float(stats.variance().mean(dtype=np.float64))
+    return labels, mean, (entropy, mutual_info), summary
 
 
 def _check_channels(models, image: np.ndarray, path: Path, slab: int | None = None) -> None:

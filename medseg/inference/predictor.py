@@ -11,7 +11,7 @@ from medseg.inference.sliding_window import SlidingWindow
 from medseg.pipeline.geometry import prepare_case
 from medseg.pipeline.preprocess import MAX_RESAMPLED_VOXELS, PreprocessPlan
 
-__all__ = ["predict_case", "slabs"]
+__all__ = ["predict_case", "predict_case_samples", "slabs"]
 
 
 def predict_case(
@@ -81,13 +81,54 @@ def predict_case(
         was resampled to it (as nnU-Net does: interpolate probabilities, then take the
         argmax); outside the plan's crop box, background. None unless asked.
     """
+    prepared, geometry = _prepare(image, spacing, plan, max_voxels, name)
+    window = _window(
+        window, patch_size, overlap, batch_size, weighting, mirror_axes, stride, slab
+    )
+    probs = _predict_prepared(prepared, model, num_classes, window, slab)
+    return geometry.invert(probs, probabilities)
+
+
+def predict_case_samples(
+    sample_sets: Sequence[tuple[Callable | Sequence[Callable], SlidingWindow]],
+    image: np.ndarray,
+    spacing: Sequence[float],
+    plan: PreprocessPlan,
+    num_classes: int | None = None,
+    *,
+    slab: int | None = None,
+    max_voxels: int = MAX_RESAMPLED_VOXELS,
+    name: str | None = None,
+) -> Iterator[np.ndarray]:
+    """Several probability maps of one case on its original grid, one per sample.
+
+    The case is preprocessed once; each ``(model, window)`` of ``sample_sets`` (see
+    :func:`~medseg.inference.uncertainty.sample_sets`: a test-time flip, an ensemble
+    member, a dropout pass) is then predicted as :func:`predict_case` would, one at a time.
+
+    Yields
+    ------
+    np.ndarray
+        ``(D, H, W, K)`` float32 probabilities on the original grid, in the order of
+        ``sample_sets``.
+    """
+    prepared, geometry = _prepare(image, spacing, plan, max_voxels, name)
+    for model, window in sample_sets:
+        probs = _predict_prepared(prepared, model, num_classes, window, slab)
+        yield geometry.invert(probs, True)[1]
+
+
+def _prepare(image, spacing, plan, max_voxels, name):
     image = np.asarray(image)
     if image.ndim not in (3, 4):
         where = f"{name}: " if name else ""
         raise ValueError(
             f"{where}image must be (D, H, W) or (D, H, W, C), got shape {image.shape}"
         )
-    prepared, geometry = prepare_case(image, spacing, plan, max_voxels=max_voxels, name=name)
+    return prepare_case(image, spacing, plan, max_voxels=max_voxels, name=name)
+
+
+def _window(window, patch_size, overlap, batch_size, weighting, mirror_axes, stride, slab):
     if slab is not None:
         if len(patch_size) != 3 or int(patch_size[0]) != slab:
             raise ValueError(
@@ -105,11 +146,13 @@ def predict_case(
         )
         if slab is not None:
             window = window.in_plane()
+    return window
+
+
+def _predict_prepared(prepared, model, num_classes, window, slab):
     if slab is None:
-        probs = window(prepared, model, num_classes)
-    else:
-        probs = tf.stack([window(x, model, num_classes) for x in slabs(prepared, slab)])
-    return geometry.invert(probs, probabilities)
+        return window(prepared, model, num_classes)
+    return tf.stack([window(x, model, num_classes) for x in slabs(prepared, slab)])
 
 
 def slabs(volume: tf.Tensor, k: int) -> Iterator[tf.Tensor]:

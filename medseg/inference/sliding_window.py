@@ -23,6 +23,8 @@ import numpy as np
 import tensorflow as tf
 from scipy import ndimage
 
+from medseg.progress import start_bar
+
 __all__ = [
     "SlidingWindow",
     "WeightedMerger",
@@ -43,6 +45,9 @@ __all__ = [
 # 0.95 the extra windows cost hours for no measurable gain: refused, not warned, because a
 # warning would be printed just before a run that never ends.
 MAX_OVERLAP = 0.95
+
+# A case of fewer window batches gets no progress bar of its own: it takes seconds.
+WINDOW_BAR_MIN_BATCHES = 32
 
 
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:
@@ -418,11 +423,17 @@ class SlidingWindow:
         # only whole batches go through TensorFlow; cutting and merging are host views
         image = image.numpy()
         merger = WeightedMerger(padded, weights)
-        while batch_windows := list(itertools.islice(windows, self.batch_size)):
-            batch = tf.constant(np.stack([image[window] for window in batch_windows]))
-            probs = np.asarray(checked(predict_batch(predictors, batch, flips), batch))
-            for index, window in enumerate(batch_windows):
-                merger.add(window, probs[index])
+        # a nested bar under the per-case one, only for cases of many batches
+        batches = -(-window_count(padded, patch_size, self.overlap) // self.batch_size)
+        with start_bar(
+            batches, "windows", unit="batch", leave=False, min_total=WINDOW_BAR_MIN_BATCHES
+        ) as bar:
+            while batch_windows := list(itertools.islice(windows, self.batch_size)):
+                batch = tf.constant(np.stack([image[window] for window in batch_windows]))
+                probs = np.asarray(checked(predict_batch(predictors, batch, flips), batch))
+                for index, window in enumerate(batch_windows):
+                    merger.add(window, probs[index])
+                bar.update()
         return tf.constant(merger.result(crop))
 
 

@@ -30,6 +30,7 @@ from medseg.pipeline.patches import (
 )
 from medseg.pipeline.preprocess import PreprocessPlan, preprocess_case
 from medseg.pipeline.reading import AUTOTUNE, graph_only, read_cases
+from medseg.progress import start_bar
 
 CACHE_FORMAT = 1
 
@@ -297,10 +298,14 @@ def write_case_shards(cases: tf.data.Dataset, folder: str | os.PathLike) -> Shar
     partial = folder.with_name(f"{folder.name}.partial-{uuid.uuid4().hex[:12]}")
     with _writer_lock(partial.with_name(partial.name + WRITER_SUFFIX)):
         partial.mkdir()
+        # one step per case written (medseg.progress)
+        known = int(cases.cardinality())
+        bar = start_bar(known if known >= 0 else None, "write case shards", unit="case")
         try:
             records, channels, label_dtype = [], None, None
             for case in cases:
                 case_id = case["case_id"].numpy().decode()
+                bar.set_postfix_str(case_id)
                 name = hashlib.sha256(case_id.encode()).hexdigest()[:16]
                 for field in SHARD_FIELDS:
                     # raw little-endian bytes: what tf.io.decode_raw reads back
@@ -316,6 +321,7 @@ def write_case_shards(cases: tf.data.Dataset, folder: str | os.PathLike) -> Shar
                     }
                 )
                 channels, label_dtype = int(case["image"].shape[-1]), case["label"].dtype.name
+                bar.update()
             if not records:
                 raise ValueError(f"{folder}: no cases to write as shards (empty case list)")
             records.sort(key=lambda r: r["case_id"])
@@ -327,6 +333,7 @@ def write_case_shards(cases: tf.data.Dataset, folder: str | os.PathLike) -> Shar
                 if not (folder / SHARD_INDEX).is_file():
                     raise
         finally:
+            bar.close()
             shutil.rmtree(partial, ignore_errors=True)
     return ShardedCases.open(folder)
 

@@ -51,7 +51,7 @@ MEMORY_FLOP_EQUIVALENT = 1000.0
 LOOP_OVERHEAD = 1.18
 CPU_RAM_SHARE = 0.5  # of the available RAM, for one training process
 # part of the cache key: bump whenever a rule or constant changes what a plan would be
-PLANNER_REVISION = 4
+PLANNER_REVISION = 5
 LOWRES_COVERAGE = 0.25  # nnU-Net: a low-resolution configuration below this patch coverage
 
 
@@ -422,10 +422,10 @@ def lowres_spacing(fingerprint, spacing, median_shape, patch):
     nnU-Net adds a low-resolution configuration when the patch covers < 25 % of the median
     case. A time budget shrinks the patch far below what memory would allow, so here the
     spacing is coarsened (nnU-Net's increments: × 1.03, the finer axes first while any is
-    > 2 × finer than the coarsest) only while the patch also cannot hold the typical
-    structure with room around it: the largest class's mean per-case volume is above half
-    the patch. Phantom kidneys (~10⁴ voxels in a 10⁵-voxel patch) keep their resolution;
-    brain lobes (~10⁵ each) get the context they are defined by. Returns ``(spacing, why)``
+    > 2 × finer than the coarsest) until the patch covers 25 % of the median case, where the
+    patch also cannot hold the typical structure with room around it: the largest class's
+    mean per-case volume is above half the patch. Phantom kidneys (~10⁴ voxels in a 10⁵-voxel
+    patch) keep their resolution; brain lobes (~10⁵ each) get the context they are defined by. Returns ``(spacing, why)``
     or None; never more than 3 × the full-resolution spacing.
     """
     fingerprint = Fingerprint.of(fingerprint)
@@ -441,14 +441,13 @@ def lowres_spacing(fingerprint, spacing, median_shape, patch):
     full = np.asarray(spacing, np.float64)
     current = full.copy()
 
-    def needs(s):
-        scale = np.prod(full) / np.prod(s)
-        return (patch_voxels / (median_voxels * scale) < LOWRES_COVERAGE
-                and structure * scale > 0.5 * patch_voxels)
+    def covered(s):
+        return patch_voxels / (median_voxels * np.prod(full) / np.prod(s)) >= LOWRES_COVERAGE
 
-    if not needs(current):
+    if covered(current) or structure <= 0.5 * patch_voxels:
         return None
-    while needs(current) and (current / full).max() < 3.0:
+    # once needed, nnU-Net's loop: coarsen until the patch covers 25 % of the median case
+    while not covered(current) and (current / full).max() < 3.0:
         ratio = current.max() / current
         current = np.where(ratio > 2, current * 1.03, current) if (ratio > 2).any() else current * 1.03
     why = (

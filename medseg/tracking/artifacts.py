@@ -18,6 +18,11 @@ from typing import Any
 import mlflow
 import numpy as np
 
+from medseg.evaluation.calibration import (
+    TEMPERATURE_FILE,
+    plot_reliability_diagram,
+    write_temperature,
+)
 from medseg.evaluation.metrics import Score, long_scores
 from medseg.evaluation.visuals import (
     intensity_histograms,
@@ -34,6 +39,7 @@ from medseg.tracking.callbacks import finite
 from medseg.tracking.names import (
     CASE_POSTPROCESSING,
     CASES,
+    CASES_TABLE,
     CONFIG,
     ENSEMBLE,
     EXPERIMENT_PLAN,
@@ -46,6 +52,7 @@ from medseg.tracking.names import (
     SCORES,
     SPLIT,
     VALIDATION_CASES,
+    VALIDATION_TABLE,
 )
 from medseg.workflows.cross_validation import CrossValidationResult
 from medseg.workflows.experiment import DataSetup, ExperimentResult, prediction_plan
@@ -65,9 +72,13 @@ __all__ = [
     "SCORES",
     "SPLIT",
     "VALIDATION_CASES",
+    "VALIDATION_TABLE",
+    "CASES_TABLE",
     "PLOT_FAILED_TAG",
+    "calibration_record",
     "display_window",
     "log_case_postprocessing",
+    "log_case_table",
     "log_dataset_overview",
     "log_plot",
     "log_pooled",
@@ -126,6 +137,13 @@ def write_tsv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
         writer.writerows(rows)
 
 
+def log_case_table(header: list[str], rows: list[list[Any]], artifact_file: str) -> None:
+    """Log a per-case table with ``mlflow.log_table`` (MLflow's table JSON, NaN as null),
+    so the run's artifact view shows it as a table and ``mlflow.load_table`` reads it."""
+    columns = {name: [row[i] for row in rows] for i, name in enumerate(header)}
+    mlflow.log_table(columns, artifact_file)
+
+
 def write_scores(path: Path, rows, folds: dict[str, str] | None = None) -> None:
     """The long per-case table (:class:`~medseg.evaluation.Score` rows) as TSV; with
     ``folds`` (case id → fold) a leading fold column. NaN is written as ``nan``."""
@@ -168,6 +186,13 @@ def log_result(result: ExperimentResult) -> None:
             if finite(stats.get(stat)):
                 summary_metrics[f"val_case_{key}_{stat}"] = float(stats[stat])
     summary_metrics.update({f"time_{k}": v for k, v in result.timings.items()})
+    calibration = calibration_record(result)
+    if calibration is not None:
+        summary_metrics.update(
+            {f"val_ece_{k}": v for k, v in calibration["ece"].items() if finite(v)}
+        )
+        summary_metrics["val_ece_top_label"] = calibration["top_label_ece"]
+        summary_metrics["val_temperature"] = calibration["temperature"]
     mlflow.log_metrics(summary_metrics)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,11 +222,13 @@ def log_result(result: ExperimentResult) -> None:
             [[e, *(history[k][e] for k in keys)] for e in range(epochs)],
         )
         score_keys = sorted({k for c in result.cases for k in c.scores})
-        write_tsv(
-            tmp / "validation_cases.tsv",
-            ["case_id", *score_keys],
-            [[c.case_id, *(c.scores.get(k, float("nan")) for k in score_keys)] for c in result.cases],
-        )
+        case_rows = [
+            [c.case_id, *(float(c.scores.get(k, float("nan"))) for k in score_keys)]
+            for c in result.cases
+        ]
+        write_tsv(tmp / "validation_cases.tsv", ["case_id", *score_keys], case_rows)
+        if case_rows:
+            log_case_table(["case_id", *score_keys], case_rows, VALIDATION_TABLE)
         write_scores(
             tmp / "scores.tsv",
             long_scores([(c.case_id, c.scores) for c in result.cases], setup.class_names,
@@ -214,12 +241,23 @@ def log_result(result: ExperimentResult) -> None:
         mlflow.log_artifact(str(tmp / "history.tsv"), "training")
         mlflow.log_artifact(str(tmp / "validation_cases.tsv"), "evaluation")
         mlflow.log_artifact(str(tmp / "validation_summary.json"), "evaluation")
+        if calibration is not None:
+            # beside the model and plan.json: what predict applies to the probabilities
+            write_temperature(tmp / TEMPERATURE_FILE, calibration["temperature"],
+                              fitted_on="validation", voxels=calibration["temperature_voxels"])
+            mlflow.log_artifact(str(tmp / TEMPERATURE_FILE))
+            (tmp / "calibration.json").write_text(json.dumps(calibration, indent=2))
+            mlflow.log_artifact(str(tmp / "calibration.json"), "evaluation")
         # plots last, each on its own: a failing one is recorded and skipped
         if result.cases:
             log_plot(tmp / "metrics_boxplot.png",
                      lambda p: plot_metric_boxplots([c.scores for c in result.cases], p))
         if epochs:
             log_plot(tmp / "learning_curve.png", lambda p: plot_learning_curves(history, p))
+        if calibration is not None:
+            accumulator = result.example["calibration"]
+            log_plot(tmp / "reliability.png",
+                     lambda p: plot_reliability_diagram(accumulator, p, setup.class_names))
         if result.example is not None:
             ex = result.example
             # cropped to the labels, frames capped and downscaled (visuals' defaults): a
@@ -234,6 +272,35 @@ def log_result(result: ExperimentResult) -> None:
                      lambda p: write_overlay_gif(p, *case, **view))
             log_plot(tmp / f"montage_{ex['case_id']}.png",
                      lambda p: write_slice_montage(p, *case, **view))
+            if ex.get("entropy") is not None:  # inference.uncertainty: where it is unsure
+                from medseg.evaluation.visuals import write_uncertainty_gif
+
+                image = ex["image"] if ex["image"].ndim == 3 else ex["image"][..., 0]
+                log_plot(tmp / f"uncertainty_{ex['case_id']}.gif",
+                         lambda p: write_uncertainty_gif(
+                             p, image, ex["pred"], ex["entropy"],
+                             vmax=float(np.log(len(setup.class_names)))))
+
+
+def calibration_record(result: ExperimentResult) -> dict[str, Any] | None:
+    """The validation calibration (``evaluation.calibration``) as JSON-ready values:
+    ECE per foreground structure, top-label ECE, the fitted temperature and the bin sums;
+    None when the evaluation computed none."""
+    ex = result.example
+    if ex is None or ex.get("calibration") is None:
+        return None
+    accumulator = ex["calibration"]
+    per_class, top = accumulator.ece()
+    names = result.data.class_names
+    return {
+        "n_bins": accumulator.n_bins,
+        "voxels": accumulator.total,
+        "ece": {names[c]: float(per_class[c]) for c in range(1, len(names))},
+        "top_label_ece": top,
+        "temperature": float(ex["temperature"]),
+        "temperature_voxels": int(ex["temperature_voxels"]),
+        "bins": accumulator.to_dict(),
+    }
 
 
 def log_case_postprocessing(result: ExperimentResult) -> None:
@@ -280,11 +347,12 @@ def log_pooled(cv: CrossValidationResult, child_ids: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         keys = sorted({k for _, c in cv.cases for k in c.scores})
-        write_tsv(
-            tmp / "cases.tsv",
-            ["fold", "case_id", *keys],
-            [[f, c.case_id, *(c.scores.get(k, np.nan) for k in keys)] for f, c in cv.cases],
-        )
+        case_rows = [
+            [f, c.case_id, *(float(c.scores.get(k, np.nan)) for k in keys)] for f, c in cv.cases
+        ]
+        write_tsv(tmp / "cases.tsv", ["fold", "case_id", *keys], case_rows)
+        if case_rows:
+            log_case_table(["fold", "case_id", *keys], case_rows, CASES_TABLE)
         setup = cv.data
         folds = {c.case_id: f for f, c in cv.cases}
         rows = long_scores([(c.case_id, c.scores) for _, c in cv.cases], setup.class_names,

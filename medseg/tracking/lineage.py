@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
+import sys
 import warnings
 from importlib import metadata
 from pathlib import Path
 
 import mlflow
 
-from medseg.config import Config
+from medseg.config import Config, redact
 from medseg.training import describe_devices, describe_strategy, precision_policy
 
 __all__ = [
@@ -23,7 +25,11 @@ __all__ = [
     "log_plan",
     "package_versions",
     "plan_params",
+    "source_tags",
 ]
+
+# a batch scheduler's (or CI's) variable: the run is a job, not someone's terminal
+JOB_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID", "CI")
 
 PACKAGES = ("medseg", "tensorflow", "keras", "tensorflow-datasets", "numpy", "mlflow")
 
@@ -45,6 +51,48 @@ def git_state(path: Path | None = None) -> dict[str, str]:
     except (OSError, subprocess.CalledProcessError):
         return {"git.commit": "unknown", "git.dirty": "unknown"}
     return {"git.commit": commit, "git.dirty": str(bool(status)).lower()}
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def source_tags(path: Path | None = None) -> dict[str, str]:
+    """MLflow's own source tags, so its UI's Source column says what ran and at which commit.
+
+    ``mlflow.source.name`` is the entry point (``medseg train``; a notebook's path inside a
+    Jupyter kernel; otherwise the script), ``mlflow.source.type`` ``NOTEBOOK``, ``JOB``
+    (under a batch scheduler or CI: one of ``JOB_VARIABLES`` set) or ``LOCAL``, and the git
+    commit (from :func:`git_state`), branch and ``origin`` URL when ``path`` (default: the
+    working directory) is in a git checkout.
+    """
+    cwd = path or Path.cwd()
+    argv = sys.argv or [""]
+    script = Path(argv[0]).name
+    if script == "medseg" or argv[0].endswith(os.path.join("medseg", "cli.py")):
+        # the subcommand: the first argument that is not an option
+        command = next((a for a in argv[1:] if not a.startswith("-")), "")
+        name, kind = f"medseg {command}".strip(), "LOCAL"
+    elif "ipykernel" in script or "ipykernel_launcher" in " ".join(argv[:2]):
+        # Jupyter tells a kernel its notebook; papermill's runner names it itself
+        name, kind = os.environ.get("JPY_SESSION_NAME", "notebook"), "NOTEBOOK"
+    else:
+        name, kind = argv[0] or "python", "LOCAL"
+    if kind == "LOCAL" and any(os.environ.get(v) for v in JOB_VARIABLES):
+        kind = "JOB"
+    tags = {"mlflow.source.name": name, "mlflow.source.type": kind}
+    commit = git_state(cwd)["git.commit"]
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+        if branch := _git(["rev-parse", "--abbrev-ref", "HEAD"], cwd):
+            tags["mlflow.source.git.branch"] = branch
+        if url := _git(["remote", "get-url", "origin"], cwd):
+            tags["mlflow.source.git.repoURL"] = redact(url)
+    return tags
 
 
 def package_versions() -> dict[str, str]:

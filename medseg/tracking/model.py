@@ -1,9 +1,12 @@
 """Logging a trained model to MLflow, and loading it (and the plan it predicts with) back
 from a file or an MLflow URI.
 
-``medseg predict --model`` takes a ``.keras`` file or an MLflow model URI (``runs:/<run
-id>/model``, ``models:/<model id>``, ``models:/<name>/<version>``). A model from MLflow
-brings its plan along: ``plan.json`` is fetched from the run that logged the model.
+``medseg predict --model`` takes a ``.keras`` file, a model zip (:func:`export_run`,
+``medseg export``) or an MLflow model URI (``runs:/<run id>/model``, ``models:/<model id>``,
+``models:/<name>/<version>``). A model from MLflow brings its plan along: the one in its
+folder (``medseg/plan.json``, with the ``python_function`` flavour of
+:mod:`medseg.tracking.pyfunc`) when :func:`log_model` was given it, else ``plan.json`` of the
+run that logged the model.
 
 Loading never runs code from the artifact store: the model folder is downloaded, its
 ``MLmodel`` must describe a ``.keras`` file (an exported TensorFlow SavedModel,
@@ -16,6 +19,7 @@ the downloaded file against it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -33,11 +37,13 @@ if TYPE_CHECKING:
 
 from medseg.inference import PredictionPlan, load_model_file
 from medseg.inference.files import is_model_uri
-from medseg.tracking import names
+from medseg.tracking import names, pyfunc
 from medseg.tracking.store import resolve_tracking_uri, set_tracking_uri
 
 __all__ = [
     "SHA256_TAG",
+    "download_model_file",
+    "export_run",
     "file_sha256",
     "load_model",
     "load_plan",
@@ -52,7 +58,7 @@ log = logging.getLogger(__name__)
 #: Run and logged-model tag holding the SHA-256 of the logged ``.keras`` file.
 SHA256_TAG = "medseg.model_sha256"
 # where mlflow.keras writes the model inside the model folder (MLflow 3, .keras format)
-_KERAS_FILE = "model.keras"
+_KERAS_FILE = pyfunc._KERAS_FILE
 
 
 def model_signature(in_channels: int, num_classes: int) -> ModelSignature:
@@ -68,32 +74,57 @@ def model_signature(in_channels: int, num_classes: int) -> ModelSignature:
     )
 
 
-def log_model(model: keras.Model, register_as: str | None = None):
+def log_model(
+    model: keras.Model, register_as: str | None = None, plan: PredictionPlan | None = None
+):
     """Log ``model`` to the active run as ``model`` (and register it under ``register_as``).
 
     The inference graph only: no optimizer and no medseg loss, so the logged model loads
     wherever TensorFlow and Keras do, without medseg installed (the full-resolution output
     only, with deep supervision).
+
+    With ``plan`` (what ``medseg predict`` needs besides the weights: preprocessing,
+    window, class names, postprocessing) the model folder carries it as
+    ``medseg/plan.json`` and its ``python_function`` flavour is medseg's
+    (:mod:`medseg.tracking.pyfunc`): ``mlflow.pyfunc.load_model(uri).predict(path)``
+    segments a NIfTI file as ``medseg predict`` does, and a registered or copied model keeps
+    its preprocessing. Without it, the Keras flavour's own ``python_function`` (a tensor
+    in, probabilities out, with :func:`model_signature`).
     """
     import mlflow
 
     inference = keras.Model(model.inputs, model.outputs[0], name=model.name)
-    info = mlflow.keras.log_model(
-        inference,
-        name="model",
-        signature=model_signature(int(inference.input_shape[-1]), int(inference.output_shape[-1])),
-        pip_requirements=[
+    options = {
+        "name": "model",
+        "pip_requirements": [
             f"tensorflow=={metadata.version('tensorflow')}",
             f"keras=={keras.__version__}",
+            *([f"medseg=={metadata.version('medseg')}"] if plan is not None else []),
         ],
-        registered_model_name=register_as,
-        save_exported_model=False,  # a .keras file: loadable in safe mode
-    )
+        "registered_model_name": register_as,
+        "save_exported_model": False,  # a .keras file: loadable in safe mode
+    }
+    if plan is None:
+        info = mlflow.keras.log_model(
+            inference,
+            signature=model_signature(
+                int(inference.input_shape[-1]), int(inference.output_shape[-1])
+            ),
+            **options,
+        )
+    else:
+        from mlflow.models import Model
+
+        # no signature: the pyfunc input is a path (or image and spacing), which a tensor
+        # signature would refuse; no input_example either (it crashes the keras flavour)
+        info = Model.log(
+            artifact_path=None, flavor=pyfunc, keras_model=inference, plan=plan, **options
+        )
     # the hash of the file as the artifact store holds it (a .keras zip embeds its save time,
     # so it is read back rather than saved twice)
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=tmp)
-        digest = file_sha256(Path(local, *_keras_file(info.model_uri, Path(local))))
+        digest = file_sha256(Path(local, *pyfunc.keras_file(info.model_uri, Path(local))))
     client = mlflow.MlflowClient()
     client.set_logged_model_tags(info.model_id, {SHA256_TAG: digest})
     if info.run_id:
@@ -143,30 +174,8 @@ def load_model(model: str | os.PathLike, tracking_uri: str | None = None) -> ker
     text = str(model)
     if not is_model_uri(text):
         return load_model_file(text)
-    mlflow = _client(tracking_uri)
-    expected, source = recorded_sha256(text) if _tracked(text) else (None, None)
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=tmp))
-        except Exception as err:  # MlflowException, OSError
-            raise ValueError(
-                f"model {text} cannot be downloaded: {type(err).__name__}: {err}"
-            ) from err
-        parts = _keras_file(text, folder)
-        path = folder.joinpath(*parts)
-        if expected is not None:
-            found = file_sha256(path)
-            if found != expected:
-                raise ValueError(
-                    f"model {text}: {'/'.join(parts)} has SHA-256 {found}, but {source} "
-                    f"recorded {expected} when it was logged: the file was changed in the "
-                    "artifact store since; do not use it (log the model again)"
-                )
-        elif source is not None:
-            log.warning(
-                "model %s: %s recorded no SHA-256 (not logged by medseg's log_model), so the "
-                "file cannot be checked against the one logged", text, source,
-            )
+        path = download_model_file(text, tmp, tracking_uri)
         import medseg.models  # noqa: F401  registers medseg's custom objects with Keras
 
         try:
@@ -177,57 +186,43 @@ def load_model(model: str | os.PathLike, tracking_uri: str | None = None) -> ker
             ) from err
 
 
-def _keras_file(uri: str, folder: Path) -> tuple[str, ...]:
-    """The ``.keras`` file of a downloaded MLflow model folder, as path parts inside it,
-    after checking its ``MLmodel`` describes one (and not an exported SavedModel).
+def download_model_file(
+    model_uri: str, dst: str | os.PathLike, tracking_uri: str | None = None
+) -> Path:
+    """Download an MLflow model into ``dst`` and return its checked ``.keras`` file.
+
+    The checks of :func:`load_model`: ``MLmodel`` describes a ``.keras`` file, and for
+    ``runs:/`` and ``models:/`` URIs its SHA-256 is the one recorded at logging.
 
     Raises
     ------
     ValueError
-        Naming ``uri`` when ``MLmodel`` is missing or unreadable, has no ``keras`` flavour,
-        says ``save_exported_model: true``, or points outside the folder or to no file.
+        Naming the URI that cannot be downloaded, is not a ``.keras`` model, or whose file
+        differs from the one logged.
     """
-    import yaml
-
-    mlmodel = folder / "MLmodel"
-    if not mlmodel.is_file():
-        raise ValueError(f"model {uri} has no MLmodel file: not an MLflow model")
+    text = str(model_uri)
+    mlflow = _client(tracking_uri)
+    expected, source = recorded_sha256(text) if _tracked(text) else (None, None)
     try:
-        flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors") or {}
-    except (yaml.YAMLError, AttributeError, UnicodeDecodeError) as err:
-        raise ValueError(f"model {uri}: its MLmodel file is not valid YAML ({err})") from err
-    flavor = flavors.get("keras")
-    if not isinstance(flavor, dict):
-        raise ValueError(
-            f"model {uri}: its MLmodel has no keras flavour (flavours: "
-            f"{', '.join(map(str, flavors)) or 'none'}); medseg loads Keras models only"
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(dst)))
+    except Exception as err:  # MlflowException, OSError
+        raise ValueError(f"model {text} cannot be downloaded: {type(err).__name__}: {err}") from err
+    parts = pyfunc.keras_file(text, folder)
+    path = folder.joinpath(*parts)
+    if expected is not None:
+        found = file_sha256(path)
+        if found != expected:
+            raise ValueError(
+                f"model {text}: {'/'.join(parts)} has SHA-256 {found}, but {source} "
+                f"recorded {expected} when it was logged: the file was changed in the "
+                "artifact store since; do not use it (log the model again)"
+            )
+    elif source is not None:
+        log.warning(
+            "model %s: %s recorded no SHA-256 (not logged by medseg's log_model), so the "
+            "file cannot be checked against the one logged", text, source,
         )
-    if flavor.get("save_exported_model"):
-        raise ValueError(
-            f"model {uri}: its MLmodel says save_exported_model: true, an exported TensorFlow "
-            "SavedModel, which loads by running its graph's code outside Keras' safe mode; "
-            "medseg loads .keras models only: log the model again with medseg (or "
-            "mlflow.keras.log_model(..., save_exported_model=False))"
-        )
-    data = str(flavor.get("data", "model"))
-    parts = tuple(data.replace("\\", "/").split("/"))
-    if data.startswith(("/", "\\")) or ".." in parts or ":" in data:
-        raise ValueError(
-            f"model {uri}: its MLmodel's keras data path {data!r} points outside the model "
-            "folder; refusing to load it"
-        )
-    parts = tuple(p for p in parts if p not in ("", "."))
-    # as mlflow.keras lays it out: <data>/model.keras, or <data>.keras
-    candidates = [(*parts, _KERAS_FILE)]
-    if parts:
-        candidates.append((*parts[:-1], f"{parts[-1]}.keras"))
-    for candidate in candidates:
-        if folder.joinpath(*candidate).is_file():
-            return candidate
-    raise ValueError(
-        f"model {uri}: no .keras file at {data}/{_KERAS_FILE} in the model folder, as its "
-        "MLmodel says; the artifact is incomplete"
-    )
+    return path
 
 
 def _tracked(uri: str) -> bool:
@@ -311,15 +306,34 @@ def source_run_id(model_uri: str, tracking_uri: str | None = None) -> str | None
 def load_plan(model_uri: str, tracking_uri: str | None = None) -> PredictionPlan:
     """The :class:`~medseg.inference.PredictionPlan` of a model logged by ``medseg train``.
 
-    Reads ``plan.json`` from the run that logged the model. Runs logged before plan.json
-    held the window and classes get them from the run's ``config.json`` (patch size,
-    U-Net depth) and ``fingerprint.json`` (class names).
+    A model :func:`log_model` logged with its plan carries it (``medseg/plan.json`` in
+    the model folder): that one is read, so a registered or copied model keeps it.
+    Otherwise reads ``plan.json`` from the run that logged the model. Runs logged before
+    plan.json held the window and classes get them from the run's ``config.json`` (patch
+    size, U-Net depth) and ``fingerprint.json`` (class names).
 
     Raises
     ------
     ValueError
         When the model has no source run or the run has no usable plan; pass ``--plan``.
     """
+    FOLDER, PLAN = pyfunc.FOLDER, pyfunc.PLAN
+
+    own = _client(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            location = str(model_uri).rstrip("/")
+            if location.startswith("models:/"):  # MLflow downloads no sub-path of these
+                model_id = _resolve(own.MlflowClient(), location)[1]
+                location = own.MlflowClient().get_logged_model(model_id).artifact_location
+            path = own.artifacts.download_artifacts(
+                artifact_uri=f"{location}/{FOLDER}/{PLAN}", dst_path=tmp
+            )
+        except Exception:  # MlflowException, OSError: logged without it; the run's then
+            path = None
+        if path is not None:
+            values = json.loads(Path(path).read_text())
+            return PredictionPlan.from_dict(values, where=f"model {model_uri}: {FOLDER}/{PLAN}")
     run_id = source_run_id(model_uri, tracking_uri)
     if not run_id:
         raise ValueError(f"model {model_uri} was not logged by a run; pass --plan plan.json")
@@ -351,3 +365,69 @@ def load_plan(model_uri: str, tracking_uri: str | None = None) -> PredictionPlan
                 "stride": stride(config["model"]["depth"]),
             }
     return PredictionPlan.from_dict(values, where=f"plan.json of run {run_id}")
+
+
+def export_run(run_id: str, output: str | os.PathLike, tracking_uri: str | None = None) -> Path:
+    """Write a run's model, plan and postprocessing into one model zip (``medseg export``).
+
+    A training run exports ``runs:/<run id>/model`` with the run's ``plan.json``; an
+    evaluation (cross-validation) run its ``ensemble.json``: the fold models, the first
+    fold's plan and the postprocessing decided on the pooled cases. Every ``.keras`` file
+    is checked against the SHA-256 recorded at logging before it is written;
+    :func:`medseg.inference.bundle.write_bundle` writes the zip atomically.
+
+    Raises
+    ------
+    ValueError
+        Naming the run when the tracking store does not know it or it has no model, and
+        ``output`` when it does not end with ``.zip``.
+    """
+    from medseg.config import redact
+    from medseg.inference.bundle import is_bundle, write_bundle
+    from medseg.inference.ensemble import Ensemble
+
+    if not is_bundle(output) or Path(output).is_dir():
+        raise ValueError(f"--output {output}: give a file name ending with .zip")
+    client = _client(tracking_uri).MlflowClient()
+    try:
+        listed = {a.path for a in client.list_artifacts(client.get_run(run_id).info.run_id)}
+    except Exception as err:  # MlflowException
+        raise ValueError(
+            f"run {run_id}: the tracking store does not know it ({type(err).__name__}: {err})"
+        ) from err
+    with tempfile.TemporaryDirectory() as tmp:
+        decision: dict | None | bool = False  # False: the plan's own
+        if names.ENSEMBLE in listed:
+            path = client.download_artifacts(run_id, names.ENSEMBLE, tmp)
+            ensemble = Ensemble.load(path)
+            uris, decision = list(ensemble.models), ensemble.postprocessing
+        else:  # a logged model is not among the run's artifacts in MLflow 3
+            uris = [f"runs:/{run_id}/model"]
+        plan = load_plan(uris[0], tracking_uri)
+        if decision is not False:
+            plan = dataclasses.replace(plan, postprocessing=decision)
+        files = [
+            download_model_file(uri, Path(tmp, str(i)), tracking_uri)
+            for i, uri in enumerate(uris)
+        ]
+        source = {"run_id": run_id, "models": [redact(u) for u in uris]}
+        return write_bundle(output, files, plan, source)
+
+
+def load_temperature(model_uri: str, tracking_uri: str | None = None) -> float | None:
+    """The temperature fitted on the validation cases of the run that logged ``model_uri``
+    (its ``temperature.json``, ``evaluation.calibration``), or None when it has none."""
+    from medseg.evaluation.calibration import TEMPERATURE_FILE, read_temperature
+
+    run_id = source_run_id(model_uri, tracking_uri)
+    if run_id is None:
+        return None
+    mlflow = _client(tracking_uri)
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    if TEMPERATURE_FILE not in names:
+        return None  # an older run, or calibration off
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=TEMPERATURE_FILE, dst_path=tmp
+        )
+        return read_temperature(path)

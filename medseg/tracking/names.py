@@ -8,6 +8,10 @@ FINGERPRINT = "fingerprint.json"
 SPLIT = "split.json"
 HISTORY = "training/history.tsv"
 VALIDATION_CASES = "evaluation/validation_cases.tsv"
+# the same per-case scores in MLflow's table format: the UI renders it as a table and
+# mlflow.load_table reads it (the TSVs stay for the readers above and for people)
+VALIDATION_TABLE = "evaluation/validation_cases.json"
+CASES_TABLE = "evaluation/cases.json"
 POSTPROCESSING = "postprocessing.json"  # in "evaluation/" for a run, at the top for a CV
 CASE_POSTPROCESSING = "evaluation/case_postprocessing.json"
 FOLD = "fold.json"

@@ -21,6 +21,8 @@ from mlflow.tracking import MlflowClient
 
 from medseg.config import TrackingConfig, redact
 from medseg.io.atomic import write_atomically
+from medseg.progress import papermill_progress
+from medseg.tracking.lineage import source_tags
 from medseg.tracking.store import (
     configure,
     resolve_tracking_uri,
@@ -74,7 +76,13 @@ def run_notebook(
     run = client.create_run(
         experiment_id,
         run_name=f"{notebook.stem}-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={"medseg.notebook": notebook.name},
+        # MLflow's source tags name the notebook (the run's observer keeps them)
+        tags={
+            "medseg.notebook": notebook.name,
+            **source_tags(),
+            "mlflow.source.name": str(notebook.resolve()),
+            "mlflow.source.type": "NOTEBOOK",
+        },
     )
     run_id = run.info.run_id
     if output is None:
@@ -91,7 +99,8 @@ def run_notebook(
             kernel_name=kernel_name,
             cwd=os.getcwd(),
             log_output=log_output,
-            progress_bar=False,
+            # papermill's cell bar on a terminal, unless quiet (medseg.progress)
+            progress_bar=papermill_progress(),
         )
     except BaseException:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))

@@ -11,7 +11,9 @@ finished. Only the chief worker of a multi-worker run records; the others observ
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,13 @@ from medseg.evaluation.protocols import Fold
 from medseg.inference.postprocess import Components
 from medseg.tracking import artifacts
 from medseg.tracking.callbacks import MlflowMetrics
-from medseg.tracking.lineage import dataset_tags, lineage_tags, log_dataset, log_plan
+from medseg.tracking.lineage import (
+    dataset_tags,
+    lineage_tags,
+    log_dataset,
+    log_plan,
+    source_tags,
+)
 from medseg.tracking.store import configure
 from medseg.training import is_chief, make_strategy
 from medseg.workflows.cross_validation import CrossValidationResult
@@ -37,6 +45,10 @@ from medseg.workflows.observer import Observer
 __all__ = ["FOLD_TAG", "MlflowObserver", "config_params", "finished_folds"]
 
 FOLD_TAG = "medseg.fold"
+# seconds between system-metric samples: MLflow's 10 s default leaves a short run with one
+# point or none (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, when set, wins)
+SYSTEM_METRICS_INTERVAL = 2
+MODEL_SUMMARY = "training/model_summary.txt"
 
 
 def config_params(config: Config) -> dict[str, str]:
@@ -112,9 +124,17 @@ class MlflowObserver(Observer):
             start = {"run_id": self.run_id}
         else:
             start = {"experiment_id": self._experiment_id, "run_name": self._name(config)}
+        if config.tracking.system_metrics:
+            if "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ:
+                mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL)
+            start["log_system_metrics"] = True
         run = mlflow.start_run(**start)
         self.run_id, self._experiment_id = run.info.run_id, run.info.experiment_id
         self._active = self.recorded = True
+        if run.data.tags.get("mlflow.source.type") != "NOTEBOOK":
+            # a notebook's runner named the notebook already; MLflow's own guess (the
+            # python script, no commit under a console script) is replaced
+            mlflow.set_tags(source_tags())
         if self.resume:
             self._finished = finished_folds(MlflowClient(mlflow.get_tracking_uri()), self.run_id)
 
@@ -167,8 +187,23 @@ class MlflowObserver(Observer):
                 # the model first: what follows (plots of a whole case) must never lose it
                 if result.config.tracking.log_model:
                     from medseg.tracking.model import log_model
+                    from medseg.workflows.experiment import prediction_plan
 
-                    log_model(result.model, result.config.tracking.register_model)
+                    # the plan travels inside the model: a registered or copied model
+                    # keeps its preprocessing and postprocessing
+                    plan = prediction_plan(result.config, result.data, result.postprocessing)
+                    info = log_model(result.model, result.config.tracking.register_model, plan=plan)
+                    if info.registered_model_version is not None:
+                        from medseg.tracking.registry import assign_alias, validation_score
+
+                        assign_alias(
+                            MlflowClient(mlflow.get_tracking_uri()),
+                            result.config.tracking.register_model,
+                            info.registered_model_version,
+                            validation_score(result.summary),
+                        )
+                if result.model is not None:
+                    log_model_size(result.model)
                 artifacts.log_result(result)
                 if self._fold is not None:
                     artifacts.log_case_postprocessing(result)
@@ -207,6 +242,15 @@ class MlflowObserver(Observer):
         run = parent._finished[fold.name]
         parent.child_run_ids.append(run.info.run_id)
         return read_fold(run, config, setup, fold)
+
+
+def log_model_size(model) -> None:
+    """The model's parameter count (metric ``model_parameters``, trainable and not) and its
+    Keras summary as the text artifact ``training/model_summary.txt``."""
+    mlflow.log_metric("model_parameters", model.count_params())
+    lines = io.StringIO()
+    model.summary(print_fn=lambda line, *args, **kwargs: lines.write(line + "\n"))
+    mlflow.log_text(lines.getvalue(), MODEL_SUMMARY)
 
 
 def finished_folds(client: MlflowClient, parent_id: str) -> dict[str, Any]:

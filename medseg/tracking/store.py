@@ -26,6 +26,9 @@ from medseg.config import Config, ConfigError, TrackingConfig, redact  # noqa: E
 ENVIRONMENT = {"tracking_uri": "MLFLOW_TRACKING_URI", "experiment": "MLFLOW_EXPERIMENT_NAME"}
 _DEFAULTS = {f.name: f.default for f in fields(TrackingConfig)}
 REACH_TIMEOUT = 5.0  # seconds; a live server answers /health at once
+# MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; medseg's
+# experiments train models, so they get the classic view of runs, metrics and models
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 class ServerUnreachable(ConfigError):
@@ -182,14 +185,20 @@ def configure(config: TrackingConfig | Config, base: Path | None = None) -> str:
         Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     set_tracking_uri(uri)
     client = MlflowClient(uri)
+    kind = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
     experiment = client.get_experiment_by_name(config.experiment)
     if experiment is not None:
+        # experiments medseg created before it set the kind; one a user chose stays
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     if is_remote(uri):
-        return client.create_experiment(config.experiment)
+        return client.create_experiment(config.experiment, tags=kind)
     root = Path(config.artifact_root)
     if not root.is_absolute():
         root = (base or Path.cwd()) / root
     location = (root / "artifacts").resolve()
     location.mkdir(parents=True, exist_ok=True)
-    return client.create_experiment(config.experiment, artifact_location=location.as_uri())
+    return client.create_experiment(
+        config.experiment, artifact_location=location.as_uri(), tags=kind
+    )

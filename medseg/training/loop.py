@@ -28,6 +28,8 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
+from medseg.progress import keras_verbose
+
 
 def _clip(grads, clip_norm: float, optimizer, replicas: int):
     if replicas > 1:
@@ -49,7 +51,7 @@ def custom_fit(
     initial_epoch: int = 0,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     clip_norm: float | None = None,
-    verbose: int = 2,
+    verbose: int | None = None,
     augment=None,
 ) -> dict[str, list[float]]:
     """Train a compiled ``model`` under its strategy, epochs ``initial_epoch`` … ``epochs - 1``.
@@ -69,6 +71,9 @@ def custom_fit(
         Keras callbacks, called as ``fit`` calls them; ``model.stop_training`` ends training.
     clip_norm : float, optional
         Bound of the global gradient norm.
+    verbose : int, optional
+        Keras's progress display, as ``fit``'s: 1 a bar of the epoch's steps with ETA, 2 a
+        line per epoch, 0 none; default :func:`medseg.progress.keras_verbose`.
     augment : callable, optional
         ``(x, y, step, first) -> (x, y)`` applied to each replica's share of global batch
         ``step`` (its patches from ``first`` on) inside the compiled step, before the
@@ -129,6 +134,9 @@ def custom_fit(
         logs = {"loss": tracker.result(), **logs}
         return {k: float(v) for k, v in logs.items()}
 
+    if verbose is None:
+        verbose = keras_verbose()
+    # Keras's ProgbarLogger, as in fit: it reads the verbose, epochs and steps given here
     callback_list = keras.callbacks.CallbackList(
         list(callbacks),
         add_history=False,

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from medseg import models
 from medseg.config import LossConfig, ModelConfig, TrainConfig
+from medseg.progress import keras_verbose
 from medseg.training.checkpoint import (
     EpochCheckpoint,
     latest_checkpoint,
@@ -126,7 +127,7 @@ def fit(
     validation: tf.data.Dataset | None,
     config: TrainConfig,
     callbacks: Sequence[keras.callbacks.Callback] = (),
-    verbose: int = 2,
+    verbose: int | None = None,
     checkpoint_dir: str | None = None,
     train_start_step: int = 0,
     augment=None,
@@ -147,6 +148,10 @@ def fit(
         Epochs, loop, stopping, clipping.
     callbacks : sequence of keras.callbacks.Callback
         Called by either loop, as Keras ``fit`` calls them.
+    verbose : int, optional
+        Keras's: 1 a progress bar of the epoch's steps with ETA, 2 one line per epoch, 0
+        nothing; default :func:`medseg.progress.keras_verbose` (1 on a terminal, 2
+        otherwise, 0 with ``--quiet`` / ``MEDSEG_QUIET=1``), for either loop.
     checkpoint_dir : str, optional
         Overrides ``config.checkpoint_dir``: where a checkpoint is written after every
         epoch and from whose latest checkpoint training resumes.
@@ -197,6 +202,8 @@ def fit(
             f"checkpoint in {directory} resumes from ({initial_epoch * config.steps_per_epoch})"
         )
     dataset = train.skip(skip) if skip else train
+    if verbose is None:
+        verbose = keras_verbose()
     if config.loop == "fit":
         model.fit(
             dataset,

@@ -17,16 +17,20 @@ named after its number, so two trials drawing the same values never share checkp
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import json
 import logging
 import math
 import multiprocessing
 import os
 import re
+import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,7 @@ from medseg.config import Config, ConfigError, TuneConfig, redact
 from medseg.tracking.lineage import git_state
 from medseg.tracking.run import run_training
 from medseg.tracking.store import check_reachable, configure, resolve_tracking_uri
+from medseg.tuning.plots import log_study_plots
 from medseg.tuning.pruning import DicePruningCallback
 from medseg.tuning.space import parse_space, suggest_overrides
 from medseg.workflows.experiment import ExperimentResult
@@ -153,32 +158,72 @@ def _storage(url: str, on_dead_trial=None) -> optuna.storages.BaseStorage:
     return storage
 
 
-def _pruner(tune: TuneConfig) -> optuna.pruners.BasePruner:
+PRUNERS = ("median", "percentile", "hyperband", "none")
+SAMPLERS = ("tpe", "random")
+
+
+def make_pruner(tune: TuneConfig) -> optuna.pruners.BasePruner:
+    """The Optuna pruner ``tune.pruner`` names, with the ``tune.pruner_*`` settings.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``tune.pruner`` and the allowed names, for any other name.
+    """
     if tune.pruner == "median":
         return optuna.pruners.MedianPruner(
             n_startup_trials=tune.pruner_startup_trials, n_warmup_steps=tune.pruner_warmup_epochs
         )
+    if tune.pruner == "percentile":
+        return optuna.pruners.PercentilePruner(
+            tune.pruner_percentile,
+            n_startup_trials=tune.pruner_startup_trials,
+            n_warmup_steps=tune.pruner_warmup_epochs,
+        )
+    if tune.pruner == "hyperband":
+        # resources are epochs; the largest is read from the first trial that ends
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, tune.pruner_warmup_epochs))
     if tune.pruner == "none":
         return optuna.pruners.NopPruner()
-    raise ConfigError(f"tune.pruner={tune.pruner!r}: use 'median' or 'none'")
+    raise ConfigError(
+        f"tune.pruner={tune.pruner!r} is not one of {', '.join(map(repr, PRUNERS))}"
+    )
+
+
+def make_sampler(tune: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler ``tune.sampler`` names, seeded with ``seed``.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``tune.sampler`` and the allowed names, for any other name.
+    """
+    if tune.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if tune.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ConfigError(
+        f"tune.sampler={tune.sampler!r} is not one of {', '.join(map(repr, SAMPLERS))}"
+    )
 
 
 def open_study(config: Config, worker: int = 0) -> optuna.Study:
     """Create or load the study ``tune.study_name`` in ``tune.storage``.
 
-    The TPE sampler is seeded with ``seed + worker``, so workers draw different trials and
-    a single worker's study repeats.
+    The sampler (``tune.sampler``) is seeded with ``seed + worker``, so workers draw
+    different trials and a single worker's study repeats.
     """
     tune = config.tune
     if tune.direction not in ("maximize", "minimize"):
         raise ConfigError(f"tune.direction={tune.direction!r}: use 'maximize' or 'minimize'")
     parse_space(tune.space)  # fail before any worker starts
+    sampler, pruner = make_sampler(tune, config.seed + worker), make_pruner(tune)
     study = optuna.create_study(
         storage=_storage(resolve_storage(tune.storage), _DeadTrials(config)),
         study_name=tune.study_name,
         direction=tune.direction,
-        sampler=optuna.samplers.TPESampler(seed=config.seed + worker),
-        pruner=_pruner(tune),
+        sampler=sampler,
+        pruner=pruner,
         load_if_exists=True,
     )
     if study.direction.name.lower() != tune.direction:
@@ -302,32 +347,95 @@ def _public_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+# How long a process waits for another one creating the study's MLflow run, in seconds (a
+# few MLflow calls; longer means the holder hangs)
+STUDY_LOCK_TIMEOUT = 120
+
+
+def _lock_key(study_name: str) -> int:
+    """The PostgreSQL advisory-lock key (signed 64 bit) of a study's MLflow run."""
+    digest = hashlib.sha256(f"medseg study run {study_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@contextlib.contextmanager
+def _study_run_lock(config: Config) -> Iterator[bool]:
+    """Hold the lock under which one process looks for, or makes, the study's MLflow run;
+    yield whether anything is locked.
+
+    On PostgreSQL a session advisory lock on the storage's database: processes on any
+    machine that open a new study in the same instant take turns, and the server drops the
+    lock with its holder's connection, so a killed process never blocks the next. Other
+    storages lock nothing (:func:`study_run` then converges on the attribute's last writer).
+
+    Raises
+    ------
+    RuntimeError
+        If another process holds the lock for ``STUDY_LOCK_TIMEOUT`` seconds.
+    """
+    url = resolve_storage(config.tune.storage)
+    if not url.startswith("postgresql"):
+        yield False
+        return
+    key = {"key": _lock_key(config.tune.study_name)}
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            # lock_timeout bounds the wait for an advisory lock too
+            connection.exec_driver_sql(f"SET lock_timeout = '{STUDY_LOCK_TIMEOUT}s'")
+            try:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), key)
+            except sqlalchemy.exc.OperationalError:
+                raise RuntimeError(
+                    f"tune.storage={redact(url)}: another process has been creating the MLflow "
+                    f"run of study {config.tune.study_name!r} for {STUDY_LOCK_TIMEOUT} s (a "
+                    "hung medseg tune?); stop it, or run again"
+                ) from None
+            try:
+                yield True
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), key)
+    finally:
+        engine.dispose()
+
+
 def study_run(study: optuna.Study, config: Config, run_id: str | None = None) -> str:
-    """The id of the study's MLflow run, creating (or adopting ``run_id``) on first use."""
+    """The id of the study's MLflow run, creating (or adopting ``run_id``) on first use.
+
+    Processes opening a new study at the same moment make one run between them: on
+    PostgreSQL under a lock (:func:`_study_run_lock`); elsewhere each makes one, the
+    attribute's last writer wins and the others delete theirs.
+    """
     existing = study.user_attrs.get(STUDY_RUN_ATTR)
     if existing:
         return existing
-    experiment_id = configure(config)
-    client = MlflowClient(mlflow.get_tracking_uri())
-    tags = {
-        TAG_STUDY: study.study_name,
-        "optuna.storage": _public_url(resolve_storage(config.tune.storage)),
-        "optuna.direction": config.tune.direction,
-        **git_state(),
-    }
-    created = run_id is None
-    if created:
-        run_id = client.create_run(
-            experiment_id, run_name=f"study-{study.study_name}", tags=tags
-        ).info.run_id
-    else:
-        for key, value in tags.items():
-            client.set_tag(run_id, key, value)
-    for key, value in config.to_flat_dict(redacted=True).items():
-        if key.startswith(("tune.", "tracking.")) or key == "seed":
-            client.log_param(run_id, key, json.dumps(value) if isinstance(value, list) else value)
-    study.set_user_attr(STUDY_RUN_ATTR, run_id)
-    # another process may have raced us; the attribute's last writer wins, the rest adopt it
+    with _study_run_lock(config) as locked:
+        existing = study.user_attrs.get(STUDY_RUN_ATTR)  # made while this process waited?
+        if existing:
+            return existing
+        experiment_id = configure(config)
+        client = MlflowClient(mlflow.get_tracking_uri())
+        tags = {
+            TAG_STUDY: study.study_name,
+            "optuna.storage": _public_url(resolve_storage(config.tune.storage)),
+            "optuna.direction": config.tune.direction,
+            **git_state(),
+        }
+        created = run_id is None
+        if created:
+            run_id = client.create_run(
+                experiment_id, run_name=f"study-{study.study_name}", tags=tags
+            ).info.run_id
+        else:
+            for key, value in tags.items():
+                client.set_tag(run_id, key, value)
+        for key, value in config.to_flat_dict(redacted=True).items():
+            if key.startswith(("tune.", "tracking.")) or key == "seed":
+                client.log_param(run_id, key, json.dumps(value) if isinstance(value, list) else value)
+        study.set_user_attr(STUDY_RUN_ATTR, run_id)
+    if locked:
+        return run_id
+    # unlocked, another process may have raced us; the last writer wins, the rest adopt it
     winner = load_study(config).user_attrs[STUDY_RUN_ATTR]
     if winner != run_id and created:
         client.delete_run(run_id)
@@ -449,9 +557,24 @@ def _stop_when_finished(n_trials: int):
     return stop
 
 
-def optimize(config: Config, worker: int = 0, study_run_id: str | None = None) -> None:
+def _show_progress(quiet: bool, progress: bool) -> bool:
+    """Optuna's progress bar: asked for, not quiet, and drawn on a terminal (in a log
+    file or a notebook's captured output it is a wall of carriage returns)."""
+    return progress and not quiet and sys.stderr.isatty()
+
+
+def optimize(
+    config: Config,
+    worker: int = 0,
+    study_run_id: str | None = None,
+    quiet: bool = False,
+    progress: bool = False,
+) -> None:
     """Run trials of the study until it holds ``tune.n_trials`` finished trials (or
     ``tune.timeout`` passes).
+
+    Optuna reports each trial's end ("Trial 3 finished with value ...") at INFO unless
+    ``quiet``; with ``progress`` (one worker) and a terminal it also draws its progress bar.
 
     One worker; several may run this at once, in any processes, on the same storage.
     Failed trials are recorded (state FAIL, error in the trial's ``error`` attribute and
@@ -462,7 +585,7 @@ def optimize(config: Config, worker: int = 0, study_run_id: str | None = None) -
     tune = config.tune
     study = open_study(config, worker)
     parent = study_run(study, config, study_run_id)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING if quiet else optuna.logging.INFO)
     deadline = None if tune.timeout is None else time.monotonic() + tune.timeout
     objective = None
     while True:
@@ -476,15 +599,16 @@ def optimize(config: Config, worker: int = 0, study_run_id: str | None = None) -
                 catch=(Exception,),
                 callbacks=[_stop_when_finished(tune.n_trials)],
                 gc_after_trial=True,
+                show_progress_bar=_show_progress(quiet, progress),
             )
         # no worker may leave a dead one's trial RUNNING; its retry is run here
         if not fail_dead_trials(study) or len(finished_trials(study)) >= tune.n_trials:
             return
 
 
-def _worker(config_json: str, worker: int, study_run_id: str, cwd: str) -> None:
+def _worker(config_json: str, worker: int, study_run_id: str, cwd: str, quiet: bool) -> None:
     os.chdir(cwd)
-    optimize(Config.from_dict(json.loads(config_json)), worker, study_run_id)
+    optimize(Config.from_dict(json.loads(config_json)), worker, study_run_id, quiet=quiet)
 
 
 def _error(trial: optuna.trial.FrozenTrial) -> str | None:
@@ -572,8 +696,12 @@ def tune(
     workers: int | None = None,
     study_run_id: str | None = None,
     best_config: str | Path | None = None,
+    quiet: bool = False,
 ) -> TuneResult:
     """Run (or resume) the study of ``config.tune`` with ``workers`` processes.
+
+    When done, the study's run holds the trial table, the best config and the study's
+    plots (``plots/*.png``: :func:`medseg.tuning.plots.log_study_plots`).
 
     Parameters
     ----------
@@ -589,6 +717,9 @@ def tune(
         Where the best trial's config goes (default
         ``<artifact_root>/tuning/<study>/best_config.json``); it is also logged to the
         study's run.
+    quiet : bool
+        Keep Optuna's per-trial INFO lines and its progress bar (one worker, a terminal)
+        off.
 
     Returns
     -------
@@ -601,7 +732,7 @@ def tune(
     parent = study_run(study, config, study_run_id)
     status = RunStatus.FAILED
     try:
-        result = _run_workers(config, workers, parent, best_config)
+        result = _run_workers(config, workers, parent, best_config, quiet)
         status = RunStatus.FINISHED
         return result
     except KeyboardInterrupt:
@@ -618,17 +749,19 @@ def tune(
 
 
 def _run_workers(
-    config: Config, workers: int, parent: str, best_config: str | Path | None
+    config: Config, workers: int, parent: str, best_config: str | Path | None, quiet: bool
 ) -> TuneResult:
     if workers == 1:
-        optimize(config, 0, parent)
+        optimize(config, 0, parent, quiet=quiet, progress=True)
         failed = []
     else:
         # spawn, not fork: TensorFlow's runtime does not survive a fork
         context = multiprocessing.get_context("spawn")
         processes = [
             context.Process(
-                target=_worker, args=(config.to_json(), i, parent, os.getcwd()), daemon=False
+                target=_worker,
+                args=(config.to_json(), i, parent, os.getcwd(), quiet),
+                daemon=False,
             )
             for i in range(workers)
         ]
@@ -650,6 +783,7 @@ def _run_workers(
         best_path = None
     client = MlflowClient(mlflow.get_tracking_uri())
     _log_summary(client, parent, study, best_path)
+    log_study_plots(client, parent, study)  # never raises: a plot is not worth a study
     if failed:
         codes = [processes[i].exitcode for i in failed]
         finished = len(finished_trials(study))

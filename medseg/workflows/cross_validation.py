@@ -30,6 +30,7 @@ from medseg.evaluation.protocols import (
 )
 from medseg.inference.postprocess import decide_postprocessing
 from medseg.pipeline import read_case_ids
+from medseg.progress import is_quiet
 from medseg.training import make_strategy
 from medseg.workflows.experiment import (
     CaseResult,
@@ -194,6 +195,9 @@ def run_cross_validation(
         for index, fold in enumerate(folds):
             child = observer.fold_started(fold, index)
             result = child.finished_result(config, setup, fold)
+            if not is_quiet():  # one line per fold, above its training's progress
+                done = " (finished before: resumed)" if result is not None else ""
+                print(f"fold {index + 1}/{len(folds)} {fold.name}{done}", flush=True)
             if result is None:
                 result = _observed_fold(config, setup, fold, child, callbacks)
             results.append(result)

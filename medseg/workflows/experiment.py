@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 from medseg import datasets
 from medseg.config import Config
 from medseg.evaluation import score_case, summarize
+from medseg.evaluation.calibration import CalibrationAccumulator, fit_temperature
 from medseg.inference import PredictionPlan, SlidingWindow, predict_case
 from medseg.inference.postprocess import Components, component_tables, decide_postprocessing
 from medseg.models import check_input_shape, downsample_targets
@@ -39,6 +40,7 @@ from medseg.pipeline import (
 from medseg.pipeline.transforms import transform_name
 from medseg.planning import ExperimentPlan
 from medseg.planning.resolve import apply_plan, resolve_plan
+from medseg.progress import start_bar
 from medseg.training import (
     build_compiled_model,
     fit,
@@ -322,27 +324,65 @@ def evaluate_cases(
     ``<metric>_<class>`` for Dice, IoU, HD95, ASD, surface Dice and volume difference of
     every foreground class, and ``dice_<region>``; NaN where the structure is absent from
     both prediction and truth. ``split`` defaults to ``config.data.split``.
+
+    With ``evaluation.calibration`` the example also holds ``"calibration"``: the
+    :class:`~medseg.evaluation.calibration.CalibrationAccumulator` of every scored voxel
+    (exact whole-split ECE), ``"temperature"``, fitted on the log-probabilities of a
+    seeded sample of ``evaluation.temperature_samples`` voxels per case, and
+    ``"temperature_voxels"``, the sample's size.
     """
     classes = list(range(1, len(setup.class_names)))
     evaluation = config.evaluation
+    calibration = None
+    if evaluation.calibration:  # checked before any case is predicted
+        for key in ("calibration_bins", "temperature_samples"):
+            value = getattr(evaluation, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"config key 'evaluation.{key}': {value!r} is not a whole number >= 1; "
+                    "give e.g. 15 bins / 20000 voxels, or set evaluation.calibration=false"
+                )
+        calibration = CalibrationAccumulator(len(setup.class_names), evaluation.calibration_bins)
+        rng = np.random.default_rng(config.seed)
+        samples, sample_labels = [], []
     plan = prediction_plan(config, setup)
     window = SlidingWindow.from_plan(plan, config.inference)  # configured once, every case
+    sampling = None
+    if config.inference.uncertainty != "none":  # checked before any case is predicted
+        from medseg.inference.uncertainty import sample_sets
+
+        seed = config.inference.uncertainty_seed
+        sampling = sample_sets(
+            [model], window, config.inference.uncertainty, config.inference.uncertainty_samples,
+            config.seed if seed is None else seed, names=["the trained model"],
+        )
     results, example = [], None
     split = split or config.data.split
+    # one step per whole case (medseg.progress); an error leaves it to tqdm's finaliser
+    bar = start_bar(None if case_ids is None else len(case_ids), "evaluate", unit="case")
     for ex in read_cases(setup.builder, split, case_ids).as_numpy_iterator():
         case_id = ex["case_id"].decode()
-        pred, _ = predict_case(
+        bar.set_postfix_str(case_id)
+        pred, probs = predict_case(
             model,
             ex["image"],
             ex["spacing"],
             setup.plan,
             config.patch.patch_size,
             len(setup.class_names),
-            probabilities=False,
+            probabilities=calibration is not None,
             slab=plan.slab,
             window=window,
         )
         truth = ex["label"]
+        if calibration is not None:
+            calibration.update(probs, truth)
+            flat = probs.reshape(-1, probs.shape[-1])
+            pick = rng.choice(len(flat), min(len(flat), evaluation.temperature_samples),
+                              replace=False)
+            samples.append(flat[pick])
+            sample_labels.append(truth.reshape(-1)[pick])
+            del flat, probs  # a case's probabilities are K floats per voxel: not kept
         scores = score_case(
             pred,
             truth,
@@ -352,6 +392,10 @@ def evaluate_cases(
             tolerance=evaluation.surface_tolerance_mm,
             percentile=evaluation.hd_percentile,
         )
+        entropy = None
+        if sampling is not None:
+            uncertainty, entropy = _case_uncertainty(sampling, ex, setup, plan)
+            scores.update(uncertainty)
         pp = (
             component_tables(pred, truth, classes, ex["spacing"]) if evaluation.postprocess else {}
         )
@@ -366,8 +410,47 @@ def evaluate_cases(
                 "pred": pred,
                 "spacing": ex["spacing"],
                 "n_present": n_present,
+                "entropy": entropy,  # inference.uncertainty's map, for its overlay
             }
+        bar.update()
+    bar.close()
+    if example is not None and calibration is not None:
+        sample = np.concatenate(samples)
+        example["calibration"] = calibration
+        example["temperature"] = fit_temperature(sample, np.concatenate(sample_labels))
+        example["temperature_voxels"] = len(sample)
     return results, example
+
+
+def _case_uncertainty(sampling, ex, setup: DataSetup, plan) -> tuple[dict[str, float], Any]:
+    """Per-structure uncertainty scores of one validation case (``inference.uncertainty``)
+    and its entropy map: ``entropy_<class>`` (mean inside the consensus structure, nats),
+    ``boundary_entropy_<class>`` (its one-voxel shell) and ``expected_dice_<class>`` (the
+    samples' mean Dice against the consensus), NaN where a structure is absent."""
+    from medseg.inference.predictor import predict_case_samples
+    from medseg.inference.uncertainty import SampleStatistics, uncertainty_summary
+
+    sets, reset = sampling
+    reset()  # the same dropout masks for every case
+    stats = SampleStatistics()
+    for probs in predict_case_samples(
+        sets, ex["image"], ex["spacing"], setup.plan, len(setup.class_names), slab=plan.slab,
+        name=ex["case_id"].decode(),
+    ):
+        stats.add(probs)
+    consensus = np.argmax(stats.mean(), axis=-1).astype(np.uint8)
+    entropy = stats.entropy()
+    summary = uncertainty_summary(consensus, entropy, stats.labels, setup.class_names)
+
+    def number(value):
+        return float("nan") if value is None else float(value)
+
+    scores = {}
+    for name, entry in summary["structures"].items():
+        scores[f"entropy_{name}"] = number(entry["mean_entropy"])
+        scores[f"boundary_entropy_{name}"] = number(entry["boundary_mean_entropy"])
+        scores[f"expected_dice_{name}"] = number(entry["expected_dice"])
+    return scores, entropy
 
 
 def prediction_plan(
