@@ -14,7 +14,9 @@ in a fresh subprocess so its peak RSS (``ru_maxrss``) is its own:
 With ``--workers 1 2`` the build is measured once per worker count (``CaseBuilder.workers``:
 cases read by a process pool, in order, the parent fingerprinting and writing); with
 more than one worker the reads happen in the pool's processes, so the "read" part is
-not timed and its wait shows up in "other".
+not timed: "wait" is the main thread waiting for the next case (from the lookahead
+thread or the pool), "map" mapping a pool process's shared memory block, and the
+build process's own CPU time (user, system) is printed beside (the pool's is not in it).
 
 Usage::
 
@@ -146,13 +148,14 @@ class _Timer:
 
 
 def measure_build(root: Path, data_dir: Path, workers: int = 1) -> dict:
-    import types
+    import concurrent.futures
 
     import psutil
     import tensorflow as tf
     from medseg_datasets.nifti_folder import Builder, NiftiFolderConfig
 
     import medseg.io
+    from medseg.datasets import builder as case_builder
     from medseg.datasets import records
     from medseg.datasets.fingerprint import FingerprintAccumulator
 
@@ -167,7 +170,19 @@ def measure_build(root: Path, data_dir: Path, workers: int = 1) -> dict:
     class TimedWriter(tf.io.TFRecordWriter):
         write = timer.wrap("write", tf.io.TFRecordWriter.write)
 
-    records.tf = types.SimpleNamespace(io=types.SimpleNamespace(TFRecordWriter=TimedWriter))
+    records._record_writer = TimedWriter
+    # the main thread waiting for a case: on the lookahead thread (1 worker) or the pool
+    future = concurrent.futures.Future
+    future.result = timer.wrap("wait", future.result)
+    # mapping a pool process's shared memory block (workers > 1)
+    from_shared = timer.wrap("map", case_builder._from_shared)
+
+    def first_mapped(result):
+        # how long the pool takes to start and deliver its first case
+        timer.seconds.setdefault("first_case", time.perf_counter() - start)
+        return from_shared(result)
+
+    case_builder._from_shared = first_mapped
 
     config = NiftiFolderConfig(
         name="bench",
@@ -179,8 +194,13 @@ def measure_build(root: Path, data_dir: Path, workers: int = 1) -> dict:
     builder = Builder(config=config, data_dir=str(data_dir))
     builder.workers = workers
     start = time.perf_counter()
+    cpu_start = resource.getrusage(resource.RUSAGE_SELF)
     builder.download_and_prepare()
     seconds = time.perf_counter() - start
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    # this process's own CPU (the pool processes' is not counted)
+    timer.seconds["cpu_user"] = cpu.ru_utime - cpu_start.ru_utime
+    timer.seconds["cpu_system"] = cpu.ru_stime - cpu_start.ru_stime
     num_cases = builder.info.splits["train"].num_examples
     stored = sum(f.stat().st_size for f in Path(builder.data_dir).glob("*.tfrecord*"))
     return {
@@ -224,7 +244,7 @@ def report(args, read: dict, build: dict) -> dict:
     megabytes = read["image_bytes"] / 1e6
     parts = build["parts"]
     # read runs in the lookahead thread, overlapping the main thread's parts
-    accounted = sum(parts.get(k, 0.0) for k in ("fingerprint", "serialize", "write"))
+    accounted = sum(parts.get(k, 0.0) for k in ("fingerprint", "serialize", "write", "wait", "map"))
     summary = {
         "cases": args.cases,
         "shape": list(args.shape),
@@ -256,16 +276,24 @@ def report(args, read: dict, build: dict) -> dict:
     print(f"  records on disk: {summary['stored_mb']:.0f} MB")
     print("  where the build's time goes:")
     labels = {
-        "read": "read (read_nifti_case; overlapped thread)",
+        "read": "read (read_nifti_case; lookahead thread)",
         "fingerprint": "fingerprint",
         "serialize": "serialize (tf.train.Example, C order)",
         "write": "write (TFRecord shards)",
-        "other": "other (waiting on reads, buffer, info)",
+        "wait": "wait (for the next case to be read)",
+        "map": "map (a worker's shared memory block)",
+        "other": "other (buffer, info, metadata)",
     }
     for key, label in labels.items():
         value = summary["parts_s"].get(key, 0.0)
         share = 100 * value / build["seconds"]
         print(f"    {label:42s} {value:7.1f} s  {share:5.1f} %")
+    if "first_case" in parts:
+        print(f"  first case from the pool after {parts['first_case']:.1f} s")
+    print(
+        f"  this process's CPU: {parts.get('cpu_user', 0.0):.1f} s user, "
+        f"{parts.get('cpu_system', 0.0):.1f} s system"
+    )
     return summary
 
 

@@ -202,3 +202,46 @@ def test_notebook_run_names_the_notebook_as_its_source(tmp_path):
     tags = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).data.tags
     assert tags["mlflow.source.name"] == str(path.resolve())
     assert tags["mlflow.source.type"] == "NOTEBOOK"
+
+
+@pytest.mark.slow
+def test_a_cross_validation_ensemble_is_one_registered_model(tiny_config, tmp_path):
+    """medseg evaluate with tracking.register_model: the folds are not registered one by
+    one; their ensemble is one version (@champion), whose pyfunc segments a NIfTI file as
+    medseg predict --ensemble does."""
+    import mlflow
+    import nibabel as nib
+
+    from medseg.cli import main
+    from medseg.tracking.evaluation import run_evaluation
+
+    store = tmp_path / "mlruns"
+    config = tiny_config(**{
+        "evaluation.protocol": "kfold",
+        "evaluation.folds": 2,
+        "evaluation.splits_file": str(tmp_path / "splits.json"),
+        "train.epochs": 1,
+        "train.steps_per_epoch": 1,
+        "tracking.tracking_uri": f"sqlite:///{store}/mlflow.db",
+        "tracking.artifact_root": str(store),
+        "tracking.experiment": "cv-registry",
+        "tracking.register_model": "cv_ensemble",
+    })
+    _, parent_id = run_evaluation(config)
+    client = MlflowClient(config.tracking.tracking_uri)
+    versions = client.search_model_versions("name='cv_ensemble'")
+    assert len(versions) == 1 and versions[0].run_id == parent_id
+    champion = client.get_model_version_by_alias("cv_ensemble", "champion")
+    assert champion.version == versions[0].version
+    image = np.random.default_rng(0).normal(size=(24, 24, 12)).astype(np.float32) * 100
+    case = tmp_path / "case.nii.gz"
+    nib.save(nib.Nifti1Image(image, np.diag([2.0, 2.0, 4.0, 1.0])), case)
+    mlflow.set_tracking_uri(config.tracking.tracking_uri)
+    ensemble = mlflow.artifacts.download_artifacts(run_id=parent_id,
+                                                   artifact_path="ensemble.json",
+                                                   dst_path=str(tmp_path))
+    assert main(["predict", str(case), "--ensemble", ensemble, "--output", str(tmp_path / "p"),
+                 "--tracking-uri", config.tracking.tracking_uri]) == 0
+    expected = np.asarray(nib.load(tmp_path / "p" / "case_seg.nii.gz").dataobj)
+    seg = mlflow.pyfunc.load_model("models:/cv_ensemble@champion").predict(str(case))
+    np.testing.assert_array_equal(seg, expected)

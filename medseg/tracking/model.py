@@ -96,11 +96,7 @@ def log_model(
     inference = keras.Model(model.inputs, model.outputs[0], name=model.name)
     options = {
         "name": "model",
-        "pip_requirements": [
-            f"tensorflow=={metadata.version('tensorflow')}",
-            f"keras=={keras.__version__}",
-            *([f"medseg=={metadata.version('medseg')}"] if plan is not None else []),
-        ],
+        "pip_requirements": _requirements(medseg=plan is not None),
         "registered_model_name": register_as,
         "save_exported_model": False,  # a .keras file: loadable in safe mode
     }
@@ -130,6 +126,15 @@ def log_model(
     if info.run_id:
         client.set_tag(info.run_id, SHA256_TAG, digest)
     return info
+
+
+def _requirements(medseg: bool = True) -> list[str]:
+    # what a logged model needs where it is served: medseg only for its pyfunc flavour
+    return [
+        f"tensorflow=={metadata.version('tensorflow')}",
+        f"keras=={keras.__version__}",
+        *([f"medseg=={metadata.version('medseg')}"] if medseg else []),
+    ]
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -431,3 +436,22 @@ def load_temperature(model_uri: str, tracking_uri: str | None = None) -> float |
             run_id=run_id, artifact_path=TEMPERATURE_FILE, dst_path=tmp
         )
         return read_temperature(path)
+
+
+def log_ensemble(run_id: str, register_as: str, tracking_uri: str | None = None):
+    """Log the evaluation run ``run_id``'s fold models as ONE pyfunc model (the zip
+    :func:`export_run` writes, inside the model) and register it as ``register_as``.
+
+    Returns mlflow's ``ModelInfo``; ``mlflow.pyfunc.load_model("models:/<name>/<v>")``
+    segments a NIfTI path with the whole ensemble.
+    """
+    mlflow = _client(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = export_run(run_id, Path(tmp) / "ensemble.zip")
+        return mlflow.pyfunc.log_model(
+            name="ensemble",
+            python_model=pyfunc.ensemble_model(),
+            artifacts={"bundle": str(bundle)},
+            registered_model_name=register_as,
+            pip_requirements=_requirements(),
+        )

@@ -181,6 +181,15 @@ class MlflowObserver(Observer):
             if isinstance(result, CrossValidationResult):
                 mlflow.set_tag("medseg.folds", str(len(result.folds)))
                 artifacts.log_pooled(result, self.child_run_ids)
+                name = result.config.tracking.register_model
+                if name and result.config.tracking.log_model:
+                    # the folds as one registered model (their versions are not registered)
+                    from medseg.tracking.model import log_ensemble
+                    from medseg.tracking.registry import assign_alias, validation_score
+
+                    info = log_ensemble(mlflow.active_run().info.run_id, name)
+                    assign_alias(MlflowClient(mlflow.get_tracking_uri()), name,
+                                 info.registered_model_version, validation_score(result.summary))
             else:
                 if result.transforms:  # the user's own, as module:name (API ones included)
                     mlflow.log_param("augment.transforms", json.dumps(result.transforms))
@@ -192,7 +201,9 @@ class MlflowObserver(Observer):
                     # the plan travels inside the model: a registered or copied model
                     # keeps its preprocessing and postprocessing
                     plan = prediction_plan(result.config, result.data, result.postprocessing)
-                    info = log_model(result.model, result.config.tracking.register_model, plan=plan)
+                    # a fold's model is registered only as part of its ensemble
+                    register = None if self._fold is not None else result.config.tracking.register_model
+                    info = log_model(result.model, register, plan=plan)
                     if info.registered_model_version is not None:
                         from medseg.tracking.registry import assign_alias, validation_score
 

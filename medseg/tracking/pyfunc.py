@@ -175,3 +175,22 @@ def keras_file(uri: str, folder: Path) -> tuple[str, ...]:
         f"model {uri}: no .keras file at {data}/{_KERAS_FILE} in the model folder, as its "
         "MLmodel says; the artifact is incomplete"
     )
+
+
+def ensemble_model():
+    """An ``mlflow.pyfunc.PythonModel`` around a model zip (``medseg export`` of an
+    evaluation run): the cross-validation's fold models, averaged, with the plan and the
+    pooled postprocessing, registered as one model. Its ``predict`` takes what
+    :meth:`MedsegSegmenter.predict` takes."""
+    import mlflow
+
+    class EnsembleSegmenter(mlflow.pyfunc.PythonModel):
+        def load_context(self, context):
+            from medseg.inference.bundle import Segmenter
+
+            self._model = MedsegSegmenter(Segmenter.from_bundle(context.artifacts["bundle"]))
+
+        def predict(self, context, model_input, params=None):
+            return self._model.predict(model_input, params)
+
+    return EnsembleSegmenter()
