@@ -532,7 +532,9 @@ def _fit_time(cand, spacing, median_shape, budget, options, in_channels, num_cla
             f"time budget {budget:g} s is too small: the smallest network ({cand.describe()}) "
             f"takes {seconds:.3g} s per step on this machine (conv3d {gflops:.0f} GFLOP/s), so "
             f"{MIN_STEPS} steps, the minimum, need ≥ {MIN_STEPS * seconds * LOOP_OVERHEAD:.0f} s "
-            "of training; give --time-budget more"
+            f"of training, plus {startup[0]:.0f} s of tracing and "
+            f"{validation_s(seconds) * 20:.0f} s of per-epoch validation the budget also pays; "
+            "give --time-budget more"
         )
     steps_per_epoch = max(10, min(250, math.ceil(total / 20)))
     epochs = max(1, total // steps_per_epoch)
