@@ -113,9 +113,16 @@ def log_model(
 
         # no signature: the pyfunc input is a path (or image and spacing), which a tensor
         # signature would refuse; no input_example either (it crashes the keras flavour)
-        info = Model.log(
-            artifact_path=None, flavor=pyfunc, keras_model=inference, plan=plan, **options
-        )
+        # mlflow.keras warns of the missing signature on every run: it is deliberate here
+        save_log = logging.getLogger("mlflow.keras.save")
+        level = save_log.level
+        save_log.setLevel(logging.ERROR)
+        try:
+            info = Model.log(
+                artifact_path=None, flavor=pyfunc, keras_model=inference, plan=plan, **options
+            )
+        finally:
+            save_log.setLevel(level)
     # the hash of the file as the artifact store holds it (a .keras zip embeds its save time,
     # so it is read back rather than saved twice)
     with tempfile.TemporaryDirectory() as tmp:
