@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -345,8 +346,12 @@ def test_planned_run_logs_its_plan_and_reproduce_reuses_it(tiny_data_dir, tmp_pa
     setup = result.data
     plan = setup.experiment_plan  # as it ran: the overrides applied
     builder = datasets.get_builder("kits_phantom", "tiny", tiny_data_dir)
-    cached = list((Path(builder.data_dir) / "plans").glob("*.json"))
-    planned = ExperimentPlan.load(cached[0])  # as planned, cached beside the dataset
+    # as planned, cached beside the dataset (other tests cache plans of other budgets there)
+    cached = sorted((Path(builder.data_dir) / "plans").glob("*.json"), key=os.path.getmtime)
+    planned = [
+        p for p in map(ExperimentPlan.load, cached)
+        if p.time_budget_s == 180 and (p.probe or {}).get("measured")  # not a --no-probe plan
+    ][-1]
     assert (plan.epochs, plan.steps_per_epoch) == (1, 2) and planned.total_steps >= 200
     assert plan.predicted_train_s is None  # the planned prediction is of another schedule
     assert plan.with_values(
