@@ -86,8 +86,8 @@ def test_failing_case_in_a_worker_names_its_file_and_leaves_nothing(tmp_path):
 
 def test_label_out_of_range_in_a_worker_is_the_builders_error(tmp_path):
     config = _write_folder(tmp_path)
-    path = tmp_path / "data" / "labelsTr" / "c1.nii.gz"
-    label = np.zeros((5, 6, 6), np.uint8)
+    path = tmp_path / "data" / "labelsTr" / "c3.nii.gz"  # past the cases read here
+    label = np.zeros(nib.load(path).shape, np.uint8)
     label[0, 0, 0] = 7
     nib.save(nib.Nifti1Image(label, nib.load(path).affine), path)
     with pytest.raises(ValueError, match=r"label values \[7\]") as info:
@@ -188,11 +188,43 @@ def test_pool_stopped_early_unlinks_the_blocks_of_cases_in_flight(tmp_path):
 def test_failing_case_in_a_worker_leaves_no_block(tmp_path):
     from medseg.datasets.builder import _pool_cases
 
+    from medseg.datasets.builder import HEAD_CASES
+
     loaders = _loaders(tmp_path, cases=6)
-    (tmp_path / "data/imagesTr/c1.nii.gz").write_bytes(b"not a NIfTI file")
+    broken = HEAD_CASES + 1  # read by a pool process, not by this one
+    (tmp_path / f"data/imagesTr/c{broken}.nii.gz").write_bytes(b"not a NIfTI file")
     cases = _pool_cases(loaders, 3, np.int16, workers=2)
-    assert next(cases).case_id == "c0"
-    with pytest.raises(Exception, match="c1.nii.gz"):
+    assert [next(cases).case_id for _ in range(broken)] == [f"c{i}" for i in range(broken)]
+    with pytest.raises(Exception, match=f"c{broken}.nii.gz"):
+        next(cases)
+    assert _blocks_of_this_process() == []
+
+
+@needs_dev_shm
+def test_first_cases_are_read_here_while_the_pool_starts_then_by_the_pool(tmp_path):
+    from medseg.datasets.builder import HEAD_CASES, _Mapped, _pool_cases
+
+    loaders = _loaders(tmp_path, cases=HEAD_CASES + 2)
+    cases = list(_pool_cases(loaders, 3, np.int16, workers=2))
+    # a pooled case's volumes are mapped from the worker's shared memory block
+    mapped = [isinstance(c.image.base, _Mapped) for c in cases]
+    assert mapped == [False] * HEAD_CASES + [True, True]
+    for i, case in enumerate(cases):
+        assert case.image.flags.c_contiguous and case.label.flags.c_contiguous
+        np.testing.assert_array_equal(
+            case.image, np.asanyarray(nib.load(tmp_path / f"data/imagesTr/c{i}.nii.gz").dataobj)
+        )
+    assert _blocks_of_this_process() == []
+
+
+@needs_dev_shm
+def test_failing_case_read_here_stops_the_starting_pool_and_leaves_no_block(tmp_path):
+    from medseg.datasets.builder import _pool_cases
+
+    loaders = _loaders(tmp_path, cases=6)
+    (tmp_path / "data/imagesTr/c0.nii.gz").write_bytes(b"not a NIfTI file")
+    cases = _pool_cases(loaders, 3, np.int16, workers=2)
+    with pytest.raises(Exception, match="c0.nii.gz"):
         next(cases)
     assert _blocks_of_this_process() == []
 
