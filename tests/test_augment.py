@@ -383,6 +383,42 @@ def test_bias_field_scales_the_signal_above_the_darkest_value():
     np.testing.assert_allclose(out.min(axis=(0, 1, 2)), low, atol=1e-6)
 
 
+def test_bias_field_with_a_pedestal_pivots_below_the_darkest_value():
+    from medseg.pipeline.augment import apply_bias_field
+
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(4, 5, 6, 2)).astype(np.float32)
+    field = rng.uniform(0.8, 1.2, size=(4, 5, 6)).astype(np.float32)
+    out = apply_bias_field(tf.constant(image), tf.constant(field), 0.7).numpy()
+    low, high = image.min(axis=(0, 1, 2)), image.max(axis=(0, 1, 2))
+    pivot = low - 0.7 * (high - low)
+    expected = (image - pivot) * field[..., None] + pivot
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    # the darkest voxel moves now: the field scales the pedestal under it too
+    darkest = np.unravel_index(image[..., 0].argmin(), image.shape[:3])
+    assert not np.isclose(out[(*darkest, 0)], low[0])
+
+
+def test_bias_field_pedestal_is_drawn_in_its_range_and_checked():
+    from medseg.pipeline.augment import draw_parameters
+
+    config = AugmentConfig(bias_field_probability=1.0, bias_field_pedestal=(0.25, 0.75))
+    seeds = [tf.constant([5, i], tf.int64) for i in range(20)]
+    drawn = [
+        float(draw_parameters(config, seed, (6, 8, 8), 1)["bias_field_pedestal"])
+        for seed in seeds
+    ]
+    assert all(0.25 <= d <= 0.75 for d in drawn) and len(set(drawn)) == 20
+    # the default draws none: the field pivots about the darkest value, as before
+    default = draw_parameters(AugmentConfig(), seeds[0], (6, 8, 8), 1)
+    assert float(default["bias_field_pedestal"]) == 0.0
+    image = tf.zeros((6, 8, 8, 1))
+    label = tf.zeros((6, 8, 8), tf.int32)
+    seed = tf.constant([1, 2], tf.int64)
+    with pytest.raises(ValueError, match=r"augment.bias_field_pedestal=\[-0.5, 1.0\] must not"):
+        augment(image, label, AugmentConfig(bias_field_pedestal=(-0.5, 1.0)), seed)
+
+
 def test_random_bias_field_is_seeded_off_by_default_and_leaves_labels_alone():
     config = AugmentConfig(jit=False, enabled=True)
     assert config.bias_field_probability == 0.0

@@ -31,6 +31,7 @@ COMPARABLE = _off(
     gamma_probability=0.5,
     gamma_invert_probability=0.5,
     bias_field_probability=0.5,
+    bias_field_pedestal=(0.0, 1.0),
     jit=False,
 )
 SPATIAL = dataclasses.replace(

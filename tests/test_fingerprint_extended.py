@@ -101,3 +101,70 @@ def test_multichannel_shape_and_channel_count_are_checked():
     with pytest.raises(ValueError, match="channel"):
         acc.add(np.zeros((2, 3, 4, 3)), label, (1, 1, 1))
     assert acc.num_cases == 1
+
+
+def _layout_by_hand(label, num_classes):
+    """class_layout's definition, voxel by voxel with np.nonzero."""
+    out = []
+    for axis in range(label.ndim):
+        where = np.nonzero(label > 0)
+        coords = where[axis].astype(np.float64)
+        classes = label[where]
+        centre, spread = coords.mean(), coords.std()
+        present = [c for c in range(1, num_classes) if (classes == c).any()]
+        if len(present) < 2 or spread == 0:
+            out.append(0.0)
+            continue
+        distance = sum((classes == c).sum() * abs(coords[classes == c].mean() - centre)
+                       for c in present)
+        out.append(distance / (len(coords) * spread))
+    return out
+
+
+def test_class_layout_is_its_definition_and_tells_bilateral_from_front_to_back():
+    from medseg.datasets.fingerprint import class_layout
+
+    rng = np.random.default_rng(5)
+    label = rng.integers(0, 4, size=(9, 11, 7)).astype(np.uint8)
+    np.testing.assert_allclose(class_layout(label, 4), _layout_by_hand(label, 4), rtol=1e-9)
+    np.testing.assert_allclose(  # Fortran order (as NIfTI reads) changes nothing
+        class_layout(np.asfortranarray(label), 4), _layout_by_hand(label, 4), rtol=1e-9
+    )
+    # two "lobes" one behind the other along axis 1, each spanning both halves of axis 0
+    lobes = np.zeros((20, 30, 10), np.uint8)
+    lobes[2:18, 3:14, 2:8] = 1
+    lobes[2:18, 16:27, 2:8] = 2
+    layout = class_layout(lobes, 3)
+    assert layout[1] > 0.8 and layout[0] < 0.05 and layout[2] < 0.05
+    # one class on both sides (kidneys): no layout along any axis
+    kidneys = np.zeros((20, 30, 10), np.uint8)
+    kidneys[2:8, 5:25, 2:8] = 1
+    kidneys[12:18, 5:25, 2:8] = 1
+    assert class_layout(kidneys, 3) == [0.0, 0.0, 0.0]
+
+
+def test_class_layout_subsamples_large_labels_with_one_stride():
+    from medseg.datasets.fingerprint import LAYOUT_VOXELS, class_layout
+
+    lobes = np.zeros((80, 80, 80), np.uint8)  # 512 000 voxels: stride 2
+    assert lobes.size > LAYOUT_VOXELS
+    lobes[10:70, 10:38, 10:70] = 1
+    lobes[10:70, 42:70, 10:70] = 2
+    np.testing.assert_allclose(
+        class_layout(lobes, 3), _layout_by_hand(lobes[::2, ::2, ::2], 3), rtol=1e-9
+    )
+
+
+def test_fingerprint_records_each_cases_class_layout():
+    from medseg.datasets.fingerprint import Fingerprint, FingerprintAccumulator, class_layout
+
+    acc = FingerprintAccumulator(["background", "a", "b"])
+    rng = np.random.default_rng(2)
+    labels = [rng.integers(0, 3, size=(6, 7, 8)).astype(np.uint8) for _ in range(3)]
+    for label in labels:
+        acc.add(np.zeros(label.shape, np.int16), label, (1.0, 1.0, 1.0))
+    fp = Fingerprint.of(acc.result())
+    np.testing.assert_allclose(fp.class_layouts, [class_layout(lab, 3) for lab in labels])
+    # a fingerprint of an older build has none
+    old = {k: v for k, v in acc.result().items() if k != "class_layouts"}
+    assert Fingerprint.of(old).class_layouts is None

@@ -186,9 +186,7 @@ def test_pool_stopped_early_unlinks_the_blocks_of_cases_in_flight(tmp_path):
 
 @needs_dev_shm
 def test_failing_case_in_a_worker_leaves_no_block(tmp_path):
-    from medseg.datasets.builder import _pool_cases
-
-    from medseg.datasets.builder import HEAD_CASES
+    from medseg.datasets.builder import HEAD_CASES, _pool_cases
 
     loaders = _loaders(tmp_path, cases=6)
     broken = HEAD_CASES + 1  # read by a pool process, not by this one

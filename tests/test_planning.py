@@ -424,3 +424,43 @@ def test_low_resolution_only_where_the_patch_cannot_hold_the_structures():
     coverage = np.prod(patch) / (180 * 216 * 180 / scale)
     assert LOWRES_COVERAGE <= coverage < LOWRES_COVERAGE * 1.03**3 * 1.01
     assert lowres_spacing(small, (3.0, 0.75, 0.75), (40, 160, 160), (16, 80, 64)) is None
+
+
+def test_mirroring_drops_the_axes_the_classes_are_laid_out_along():
+    fp = fingerprint((1.0, 1.0, 1.0), (100, 120, 100), n=3, classes=8)
+    # brain lobes (Colin27): laid out front to back and bottom to top, bilateral left-right
+    fp["class_layouts"] = [[0.02, 0.76, 0.64], [0.03, 0.70, 0.60], [0.01, 0.80, 0.66]]
+    lobes = plan(fp, modalities=("T1",))
+    assert lobes.flip_axes == (0,)
+    assert lobes.config_values()["augment.flip_axes"] == [0]
+    why = next(d for d in lobes.decisions if d.key == "augment.flip_axes")
+    assert "not axis 1, 2" in why.rule and why.inputs["class_layout_median"] == [0.02, 0.76, 0.64]
+    # kidneys and tumours (the phantom's medians): nnU-Net's every axis
+    fp["class_layouts"] = [[0.016, 0.023, 0.127]] * 3
+    assert plan(fp).flip_axes == (0, 1, 2)
+    # an older fingerprint without layouts: every axis, saying why
+    del fp["class_layouts"]
+    older = plan(fp)
+    assert older.flip_axes == (0, 1, 2)
+    assert "rebuild" in next(d for d in older.decisions if d.key == "augment.flip_axes").rule
+
+
+def test_mr_plans_draw_a_bias_pedestal_and_ct_plans_none(tmp_path):
+    from medseg.planning import ExperimentPlan
+
+    fp = fingerprint((1.0, 1.0, 1.0), (64, 64, 64), n=4)
+    mr, ct = plan(fp, modalities=("T1",)), plan(fp, modalities=("CT",))
+    assert mr.bias_field_pedestal == (0.0, 1.0) and ct.bias_field_pedestal == (0.0, 0.0)
+    assert mr.config_values()["augment.bias_field_pedestal"] == [0.0, 1.0]
+    path = mr.save(tmp_path / "plan.json")
+    again = ExperimentPlan.load(path)
+    assert again.bias_field_pedestal == mr.bias_field_pedestal
+    assert again.flip_axes == mr.flip_axes
+    values = again.to_dict()
+    values["flip_axes"] = [0, 3]
+    with pytest.raises(PlanError, match="field 'flip_axes' \\[0, 3\\] names an axis"):
+        ExperimentPlan.from_dict(values, where="edited.json")
+    values["flip_axes"] = [0]
+    values["bias_field_pedestal"] = [1.0, 0.5]
+    with pytest.raises(PlanError, match="edited.json: field 'bias_field_pedestal' must be"):
+        ExperimentPlan.from_dict(values, where="edited.json")

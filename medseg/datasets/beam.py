@@ -148,6 +148,7 @@ def _case_partial(case, names: list[str], index: int) -> dict[str, Any]:
         "voxel_counts": acc._voxel_counts,  # noqa: SLF001
         "spacing": acc._spacings[0],  # noqa: SLF001
         "shape": acc._shapes[-1],  # noqa: SLF001
+        "layout": acc._layouts[0],  # noqa: SLF001
         "channels": [
             (s.count, s.total, s.m2, s.low, s.high, s.samples[0] if s.samples else None)
             for s in acc._channels  # noqa: SLF001
@@ -169,6 +170,7 @@ def _merge_partial(acc: FingerprintAccumulator, partial: dict[str, Any]) -> None
     acc._case_counts += counts > 0  # noqa: SLF001
     acc._spacings.append(partial["spacing"])  # noqa: SLF001
     acc._shapes.append(partial["shape"])  # noqa: SLF001
+    acc._layouts.append(partial["layout"])  # noqa: SLF001
     for stats, (count, total, m2, low, high, sample) in zip(
         acc._channels, channels, strict=True  # noqa: SLF001
     ):

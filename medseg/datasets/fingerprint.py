@@ -73,6 +73,7 @@ class FingerprintAccumulator:
         self._case_counts = np.zeros(self._num_classes, dtype=np.int64)
         self._spacings: list[list[float]] = []
         self._shapes: list[list[int]] = []
+        self._layouts: list[list[float]] = []
         # one intensity accumulator per image channel, created by the first case
         self._channels: list[_IntensityStats] | None = None
 
@@ -135,6 +136,7 @@ class FingerprintAccumulator:
         self._case_counts += counts > 0
         self._spacings.append(spacing_values)
         self._shapes.append([int(n) for n in label.shape])
+        self._layouts.append(class_layout(label, self._num_classes))
 
         case_index = self.num_cases - 1
         if n == 0:
@@ -159,7 +161,7 @@ class FingerprintAccumulator:
             ``shapes``, ``spacing_median``, ``shape_median``, the per-axis spacing range
             and spread ``spacing_min``, ``spacing_max``, ``spacing_percentile_10``,
             ``spacing_percentile_90``, the per-axis ``shape_min`` and ``shape_max``, and
-            ``foreground_intensity``
+            ``class_layouts`` (per case, :func:`class_layout`), ``foreground_intensity``
             (``mean``, ``std``, ``min``, ``max`` exact over all foreground voxels;
             ``percentile_00_5``, ``percentile_99_5``, ``median`` from the sample;
             ``num_voxels``, ``num_samples``). Intensity statistics are None when no case
@@ -201,12 +203,57 @@ class FingerprintAccumulator:
             **spacing_summary,
             "shape_min": shape_min,
             "shape_max": shape_max,
+            "class_layouts": [list(v) for v in self._layouts],
             # channel 0 for multi-channel data, so single-channel readers keep working
             "foreground_intensity": per_channel[0],
         }
         if len(per_channel) > 1:
             result["foreground_intensity_per_channel"] = per_channel
         return result
+
+
+# voxels of the label grid class_layout looks at (a strided subsample of larger labels)
+LAYOUT_VOXELS = 2**18
+
+
+def class_layout(label: np.ndarray, num_classes: int) -> list[float]:
+    """How far the foreground classes lie apart along each axis of one label map.
+
+    Per axis: the voxel-weighted mean distance of each foreground class's centre from
+    the whole foreground's centre, in units of the foreground's standard deviation along
+    that axis. Bilateral or single-structure labels give ~0 along every axis (kidneys,
+    tumours: 0.02-0.13 on the phantom); classes laid out along an axis give ~1 (brain
+    lobes: 0.76 anterior-posterior, 0.64 inferior-superior, 0.02 left-right). A case
+    with fewer than two foreground classes gives 0. Labels above :data:`LAYOUT_VOXELS`
+    voxels are subsampled with one stride on every axis.
+    """
+    label = np.asarray(label)
+    step = max(1, int(np.ceil((label.size / LAYOUT_VOXELS) ** (1 / max(label.ndim, 1)))))
+    # C order, so that ``flat`` and the coordinates below walk the voxels alike
+    grid = np.ascontiguousarray(label[(slice(None, None, step),) * label.ndim])
+    flat = grid.ravel().astype(np.intp)
+    counts = np.bincount(flat, minlength=num_classes)[1:].astype(np.float64)
+    present = counts > 0
+    if present.sum() < 2:
+        return [0.0] * label.ndim
+    total = counts.sum()
+    layout = []
+    for axis in range(grid.ndim):
+        shape = [1] * grid.ndim
+        shape[axis] = grid.shape[axis]
+        coord = np.broadcast_to(
+            np.arange(grid.shape[axis], dtype=np.float64).reshape(shape), grid.shape
+        ).ravel()
+        sums = np.bincount(flat, weights=coord, minlength=num_classes)[1:]
+        squares = np.bincount(flat, weights=coord * coord, minlength=num_classes)[1:]
+        centre = sums.sum() / total
+        spread = np.sqrt(max(squares.sum() / total - centre * centre, 0.0))
+        if spread == 0:
+            layout.append(0.0)
+            continue
+        means = np.divide(sums, counts, out=np.full_like(sums, centre), where=present)
+        layout.append(float((counts * np.abs(means - centre)).sum() / (total * spread)))
+    return layout
 
 
 class _ForegroundTaker:
@@ -364,6 +411,13 @@ class Fingerprint(dict):
     @property
     def class_case_counts(self) -> np.ndarray:
         return np.asarray(self._get("class_case_counts"), np.float64)
+
+    @property
+    def class_layouts(self) -> np.ndarray | None:
+        """``(cases, axes)`` :func:`class_layout` of every case; None in fingerprints
+        built before it was recorded."""
+        value = self.get("class_layouts")
+        return None if value is None or not len(value) else np.asarray(value, np.float64)
 
     @property
     def intensity_channels(self) -> list[dict[str, Any]]:

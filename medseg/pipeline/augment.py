@@ -200,7 +200,7 @@ def intensity_value(name: str, config: AugmentConfig, key, channels, ndim: int):
 
     Returns the noise std, the blur sigma or the low-resolution zoom (scalars); the
     brightness or contrast factor, or the gamma (``(channels,)``); for ``bias_field`` the
-    ``(terms,)`` polynomial coefficients and the magnitude.
+    ``(terms,)`` polynomial coefficients, the magnitude and the pedestal.
     """
     if name == "noise":
         return _draw(key, _NOISE, config.noise_std)
@@ -218,7 +218,9 @@ def intensity_value(name: str, config: AugmentConfig, key, channels, ndim: int):
         return _gamma(key(_GAMMA, 1), config.gamma_range, channels)
     terms = len(_monomials(ndim))
     coefficients = tf.random.stateless_uniform([terms], seed=key(_BIAS, 1), minval=-1.0, maxval=1.0)
-    return coefficients, _draw(key, _BIAS, config.bias_field_magnitude)
+    low, high = (float(v) for v in config.bias_field_pedestal)
+    pedestal = _uniform(key(_BIAS, 3), low, high)
+    return coefficients, _draw(key, _BIAS, config.bias_field_magnitude), pedestal
 
 
 def _value(name, x, config, key):
@@ -257,9 +259,9 @@ def _gamma_plain(x, config, key):
 
 
 def _bias(x, config, key):
-    coefficients, magnitude = _value("bias_field", x, config, key)
+    coefficients, magnitude, pedestal = _value("bias_field", x, config, key)
     field = bias_field(tf.shape(x)[:-1], coefficients, magnitude)
-    return apply_bias_field(x, field)
+    return apply_bias_field(x, field, pedestal)
 
 
 # name: (stream, probability key, op), in nnU-Net's order, then the bias field
@@ -282,7 +284,7 @@ def check_augment_config(config: AugmentConfig) -> None:
             raise ValueError(f"augment.{name}={value} must be in [0, 1]")
     for name in ("rotation_degrees", "scale_range", "elastic_magnitude", "noise_std",
                  "blur_sigma", "brightness_range", "contrast_range", "lowres_zoom",
-                 "gamma_range", "bias_field_magnitude"):  # fmt: skip
+                 "gamma_range", "bias_field_magnitude", "bias_field_pedestal"):  # fmt: skip
         lo, hi = getattr(config, name)
         if lo > hi:
             raise ValueError(f"augment.{name}={[lo, hi]}: low must not exceed high")
@@ -290,6 +292,11 @@ def check_augment_config(config: AugmentConfig) -> None:
     for name in positive:
         if getattr(config, name)[0] <= 0:
             raise ValueError(f"augment.{name}={list(getattr(config, name))} must be positive")
+    if config.bias_field_pedestal[0] < 0:
+        raise ValueError(
+            f"augment.bias_field_pedestal={list(config.bias_field_pedestal)} must not be "
+            "negative (a share of the patch's range below its darkest value)"
+        )
     if config.lowres_zoom[1] > 1:
         raise ValueError(f"augment.lowres_zoom={list(config.lowres_zoom)} must be ≤ 1")
     if config.elastic_grid_spacing < 1:
@@ -461,7 +468,8 @@ def draw_parameters(config: AugmentConfig, seed, shape, channels: int) -> dict:
         deformation configured); ``rot90`` (int32 quarter turns, 0 = none); ``flip``
         (``(n,)`` bool per spatial axis); per intensity transform ``name`` its coin
         ``name`` and parameter ``name + "_value"`` (see :func:`intensity_value`; the bias
-        field as ``bias_field_value`` and ``bias_field_magnitude``), and ``noise_seed``.
+        field as ``bias_field_value``, ``bias_field_magnitude`` and ``bias_field_pedestal``),
+        and ``noise_seed``.
     """
     key = _keys(seed)
     shape = [int(s) for s in shape]
@@ -489,7 +497,7 @@ def draw_parameters(config: AugmentConfig, seed, shape, channels: int) -> dict:
         out[name] = _decide(getattr(config, probability_key), key(stream))
         value = intensity_value(name, config, key, channels, ndim)
         if name == "bias_field":
-            value, out["bias_field_magnitude"] = value
+            value, out["bias_field_magnitude"], out["bias_field_pedestal"] = value
         out[f"{name}_value"] = value
     out["noise_seed"] = key(_NOISE, 2)
     return out
@@ -687,11 +695,19 @@ def bias_field(shape, coefficients, magnitude) -> tf.Tensor:
     return tf.exp(tf.cast(magnitude, tf.float32) * f)
 
 
-def apply_bias_field(image, field) -> tf.Tensor:
-    """``(x - m) · field + m`` per channel, ``m`` the channel's minimum: the field scales
-    the signal above the darkest value (air and background carry no coil bias)."""
-    low = tf.reduce_min(image, _spatial_axes(image))
-    return (image - low) * field[..., None] + low
+def apply_bias_field(image, field, pedestal=0.0) -> tf.Tensor:
+    """``(x - p) · field + p`` per channel, ``p = m - pedestal · (M - m)`` with ``m``, ``M``
+    the channel's minimum and maximum.
+
+    With ``pedestal`` 0 the field scales the signal above the darkest value (air carries
+    no coil bias). A scanner may add a pedestal under the signal before the coil's field
+    scales both; per-image z-scoring removes the pedestal but not its scaled share, which
+    a ``pedestal`` (a share of the range) below the darkest value reproduces.
+    """
+    axes = _spatial_axes(image)
+    low = tf.reduce_min(image, axes)
+    pivot = low - tf.cast(pedestal, image.dtype) * (tf.reduce_max(image, axes) - low)
+    return (image - pivot) * field[..., None] + pivot
 
 
 def adjust_contrast(image, factor) -> tf.Tensor:

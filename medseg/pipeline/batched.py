@@ -247,14 +247,18 @@ def _gamma_batch(x, gamma):
     return (out - new_mean) * (std / (new_std + 1e-8)) + mean
 
 
-def _bias_batch(x, coefficients, magnitude):
+def _bias_batch(x, coefficients, magnitude, pedestal):
     shape = [int(s) for s in x.shape[1:-1]]
     fields = tf.map_fn(
         lambda a: bias_field(shape, a[0], a[1]), (coefficients, magnitude),
         fn_output_signature=tf.TensorSpec(shape, tf.float32),
     )
-    low = tf.reduce_min(x, list(range(1, x.shape.rank - 1)), keepdims=True)
-    return (x - low) * fields[..., None] + low
+    axes = list(range(1, x.shape.rank - 1))
+    low = tf.reduce_min(x, axes, keepdims=True)
+    high = tf.reduce_max(x, axes, keepdims=True)
+    pedestal = tf.reshape(tf.cast(pedestal, x.dtype), [-1] + [1] * (x.shape.rank - 1))
+    pivot = low - pedestal * (high - low)
+    return (x - pivot) * fields[..., None] + pivot
 
 
 def augment_batch(images, labels, config: AugmentConfig, seeds):
@@ -328,7 +332,7 @@ def augment_batch(images, labels, config: AugmentConfig, seeds):
         "gamma_inverted": lambda x: -_gamma_batch(-x, p["gamma_inverted_value"]),
         "gamma": lambda x: _gamma_batch(x, p["gamma_value"]),
         "bias_field": lambda x: _bias_batch(
-            x, p["bias_field_value"], p["bias_field_magnitude"]
+            x, p["bias_field_value"], p["bias_field_magnitude"], p["bias_field_pedestal"]
         ),
     }
     for name, (_, probability_key, _) in _INTENSITY.items():

@@ -51,7 +51,7 @@ MEMORY_FLOP_EQUIVALENT = 1000.0
 LOOP_OVERHEAD = 1.18
 CPU_RAM_SHARE = 0.5  # of the available RAM, for one training process
 # part of the cache key: bump whenever a rule or constant changes what a plan would be
-PLANNER_REVISION = 5
+PLANNER_REVISION = 6
 LOWRES_COVERAGE = 0.25  # nnU-Net: a low-resolution configuration below this patch coverage
 
 
@@ -291,6 +291,14 @@ def plan_experiment(
            if crop else "CT: air is not 0; the whole field of view is kept")
     bias_probability, why_bias = rules.bias_field_probability(modalities)
     decide("augment.bias_field_probability", bias_probability, why_bias)
+    pedestal, why_pedestal = rules.bias_field_pedestal(modalities)
+    decide("augment.bias_field_pedestal", list(pedestal), why_pedestal)
+    layouts = fingerprint.class_layouts
+    flip_axes, why_flip = rules.mirror_axes(layouts, ndim)
+    layout_median = None if layouts is None else np.median(layouts, axis=0)
+    decide("augment.flip_axes", list(flip_axes), why_flip,
+           class_layout_median=None if layout_median is None else
+           [round(float(v), 3) for v in layout_median])
 
     # device and memory budget
     device = resolve_device(options.device)
@@ -412,6 +420,8 @@ def plan_experiment(
         predicted_train_s=predicted,
         probe=probe_record,
         bias_field_probability=bias_probability,
+        bias_field_pedestal=tuple(pedestal),
+        flip_axes=flip_axes,
         decisions=tuple(decisions),
     )
 

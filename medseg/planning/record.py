@@ -78,6 +78,10 @@ class ExperimentPlan:
     probe: dict[str, Any] | None = None
     # augment.bias_field_probability (0 in plans made before the rule: they run as before)
     bias_field_probability: float = 0.0
+    # augment.bias_field_pedestal and augment.flip_axes (None in plans made before the
+    # rule: the config's axes)
+    bias_field_pedestal: tuple[float, ...] = (0.0, 0.0)
+    flip_axes: tuple[int, ...] | None = None
     decisions: tuple[Decision, ...] = ()
     version: int = PLAN_VERSION
 
@@ -105,6 +109,8 @@ class ExperimentPlan:
             "patch.batch_size": self.batch_size,
             "patch.foreground_share": self.foreground_share,
             "augment.bias_field_probability": self.bias_field_probability,
+            "augment.bias_field_pedestal": list(self.bias_field_pedestal),
+            **({} if self.flip_axes is None else {"augment.flip_axes": list(self.flip_axes)}),
             "model.name": self.model,
             "model.depth": self.num_stages,
             "model.filters": self.widths[0],
@@ -184,6 +190,17 @@ class ExperimentPlan:
         for name in ("foreground_share", "bias_field_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise PlanError(f"{where}: field {name!r} must be in [0, 1]")
+        low_high = self.bias_field_pedestal
+        if len(low_high) != 2 or not 0.0 <= low_high[0] <= low_high[1]:
+            raise PlanError(
+                f"{where}: field 'bias_field_pedestal' must be [low, high] with 0 ≤ low ≤ high, "
+                f"got {list(low_high)}"
+            )
+        if self.flip_axes is not None and any(a >= ndim for a in self.flip_axes):
+            raise PlanError(
+                f"{where}: field 'flip_axes' {list(self.flip_axes)} names an axis the "
+                f"{ndim}-d plan does not have"
+            )
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the plan as JSON, atomically (a temporary file, then a rename)."""
@@ -243,6 +260,13 @@ def _tuple(read, nested: bool = False):
     return parse
 
 
+def _axes(value, where):
+    # a list of axes, possibly empty (no mirroring)
+    if not isinstance(value, list | tuple):
+        _fail(where, "a list of axes", value)
+    return tuple(_int(0)(v, where) for v in value)
+
+
 def _dict(value, where):
     return value if isinstance(value, dict) else _fail(where, "an object", value)
 
@@ -297,6 +321,8 @@ _FIELDS = {
     "predicted_train_s": _optional(_number(True)),
     "probe": _optional(_dict),
     "bias_field_probability": _number(False),
+    "bias_field_pedestal": _tuple(_number(False)),
+    "flip_axes": _optional(_axes),
     "decisions": _decisions,
     "version": _int(1),
 }

@@ -165,6 +165,8 @@ def _record(config, fingerprint, dataset, fingerprint_hash, modalities, topo, wi
         == (base.epochs, base.steps_per_epoch) else None,
         probe=base.probe if base else None,
         bias_field_probability=config.augment.bias_field_probability,
+        bias_field_pedestal=tuple(float(v) for v in config.augment.bias_field_pedestal),
+        flip_axes=tuple(int(a) for a in config.augment.flip_axes),
     )
     if base is None:
         values["decisions"] = tuple(
