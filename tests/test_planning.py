@@ -151,8 +151,8 @@ def test_normalisation_follows_the_modality():
     assert (mr.normalize, mr.clip, mr.crop_to_nonzero) == ("image", "none", True)
     assert mr.modalities == ("FLAIR", "T1w", "t1gd", "T2w")
     # MR trains under random coil-bias fields, CT (physical HU) does not
-    assert (ct.bias_field_probability, mr.bias_field_probability) == (0.0, 0.3)
-    assert mr.config_values()["augment.bias_field_probability"] == 0.3
+    assert (ct.bias_field_probability, mr.bias_field_probability) == (0.0, 0.5)
+    assert mr.config_values()["augment.bias_field_probability"] == 0.5
 
 
 def test_a_plan_written_before_the_bias_field_rule_still_reads_and_runs_without_it(tmp_path):

@@ -237,7 +237,9 @@ def batch_size(
     return max(batch, minimum), rule
 
 
-MR_BIAS_FIELD_PROBABILITY = 0.3
+# half the MR patches: a model trained on one scanner meets every other scanner's field
+# (Colin27 lobes to an altered copy, min lobe Dice: 0.73 at 0.3, 0.75 at 0.5)
+MR_BIAS_FIELD_PROBABILITY = 0.5
 
 
 def bias_field_probability(modalities) -> tuple[float, str]:
