@@ -295,7 +295,7 @@ class AugmentConfig(_Section):
     # the field's pivot below the darkest value, as a share of the patch's range: a
     # scanner's signal pedestal (an offset under the signal) is scaled by the coil field
     # too, and per-image z-scoring hides the pedestal but not that; (0, 0): about the
-    # darkest value. Plans for MR draw up to a pedestal as large as the signal
+    # darkest value. Plans for MR draw up to a pedestal twice the signal's range
     bias_field_pedestal: tuple[float, float] = (0.0, 0.0)
     # the user's own transforms, "module:attribute" each (a callable (image, label, seed)
     # -> (image, label), or a class made without arguments), applied after the above with

@@ -450,8 +450,8 @@ def test_mr_plans_draw_a_bias_pedestal_and_ct_plans_none(tmp_path):
 
     fp = fingerprint((1.0, 1.0, 1.0), (64, 64, 64), n=4)
     mr, ct = plan(fp, modalities=("T1",)), plan(fp, modalities=("CT",))
-    assert mr.bias_field_pedestal == (0.0, 1.0) and ct.bias_field_pedestal == (0.0, 0.0)
-    assert mr.config_values()["augment.bias_field_pedestal"] == [0.0, 1.0]
+    assert mr.bias_field_pedestal == (0.0, 2.0) and ct.bias_field_pedestal == (0.0, 0.0)
+    assert mr.config_values()["augment.bias_field_pedestal"] == [0.0, 2.0]
     path = mr.save(tmp_path / "plan.json")
     again = ExperimentPlan.load(path)
     assert again.bias_field_pedestal == mr.bias_field_pedestal

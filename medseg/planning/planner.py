@@ -51,7 +51,7 @@ MEMORY_FLOP_EQUIVALENT = 1000.0
 LOOP_OVERHEAD = 1.18
 CPU_RAM_SHARE = 0.5  # of the available RAM, for one training process
 # part of the cache key: bump whenever a rule or constant changes what a plan would be
-PLANNER_REVISION = 7
+PLANNER_REVISION = 8
 LOWRES_COVERAGE = 0.25  # nnU-Net: a low-resolution configuration below this patch coverage
 
 

@@ -280,8 +280,10 @@ def normalization_scheme(modality: str, nonzero_share: float | None = None) -> t
 # classes whose centres lie, on average, this many foreground standard deviations from the
 # foreground's centre along an axis are laid out along it (class_layout)
 LAYOUT_LIMIT = 0.5
-# the bias field's pivot, as a share of the patch's range below its darkest value, for MR
-MR_BIAS_PEDESTAL = (0.0, 1.0)
+# the bias field's pivot, as a share of the patch's range below its darkest value, for MR:
+# a scanner's offset may be as large as its signal or larger (Colin27's altered copy: ~1),
+# so the draw reaches twice the signal's range, not only its edge
+MR_BIAS_PEDESTAL = (0.0, 2.0)
 
 
 def mirror_axes(layouts, ndim: int) -> tuple[tuple[int, ...], str]:
@@ -314,13 +316,13 @@ def mirror_axes(layouts, ndim: int) -> tuple[tuple[int, ...], str]:
 
 
 def bias_field_pedestal(modalities) -> tuple[tuple[float, float], str]:
-    """``(augment.bias_field_pedestal, why)``: MR draws the field's pivot up to one signal
-    range below the darkest value (a scanner's pedestal under the signal, scaled by the
+    """``(augment.bias_field_pedestal, why)``: MR draws the field's pivot up to two signal
+    ranges below the darkest value (a scanner's pedestal under the signal, scaled by the
     coil field with it); CT has no field."""
     if all(m.strip().upper() == "CT" for m in modalities):
         return (0.0, 0.0), "CT: no bias field"
     return MR_BIAS_PEDESTAL, (
         "MR: a signal pedestal (offset) is scaled by the coil field too; per-image z-scoring "
-        "hides the pedestal, not its scaled share: pivot up to one signal range below the "
+        "hides the pedestal, not its scaled share: pivot up to two signal ranges below the "
         "darkest value"
     )
