@@ -4,7 +4,8 @@ One column per dataset; rows are the numbers ``medseg plan`` decides: target spa
 median shape after resampling, patch, batch, stages, per-stage strides and kernels,
 widths, training steps (epochs × steps per epoch), the memory model's estimate, the
 seconds per step (timed on this machine, or predicted from the conv3d throughput with
-``--no-probe``) and the conv3d GFLOP/s it was predicted from. The columns:
+``--no-probe``), the conv3d GFLOP/s it was predicted from, the mirrored axes and the MR
+bias field. The columns:
 
 * ``kits_phantom/small`` and ``kits_phantom/hard`` (16 and 24 phantom CT cases), built
   into ``--data-dir``;
@@ -193,6 +194,11 @@ ROWS = [
         f"{p.probe['seconds_per_step']:.3f} ({'timed' if p.probe['measured'] else 'predicted'})"
         if p.probe else "— (GPU schedule)")),
     ("conv3d GFLOP/s", lambda p: f"{p.probe['conv_gflops']:.1f}" if p.probe else "—"),
+    ("mirrored axes", lambda p: "config's" if p.flip_axes is None else
+     " ".join(map(str, p.flip_axes)) or "none"),
+    ("bias field (p, pedestal)", lambda p: (
+        f"{p.bias_field_probability:g}, {_axes(p.bias_field_pedestal)}"
+        if p.bias_field_probability else "off")),
 ]
 
 
