@@ -294,11 +294,10 @@ def plan_experiment(
     pedestal, why_pedestal = rules.bias_field_pedestal(modalities)
     decide("augment.bias_field_pedestal", list(pedestal), why_pedestal)
     layouts = fingerprint.class_layouts
-    flip_axes, why_flip = rules.mirror_axes(layouts, ndim)
-    layout_median = None if layouts is None else np.median(layouts, axis=0)
-    decide("augment.flip_axes", list(flip_axes), why_flip,
-           class_layout_median=None if layout_median is None else
-           [round(float(v), 3) for v in layout_median])
+    median = None if layouts is None else np.median(layouts, axis=0)
+    flip_axes, why_flip = rules.mirror_axes(median, ndim)
+    decide("augment.flip_axes", list(flip_axes), why_flip, class_layout_median=None
+           if median is None else [round(float(v), 3) for v in median])
 
     # device and memory budget
     device = resolve_device(options.device)

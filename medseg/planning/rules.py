@@ -242,6 +242,11 @@ def batch_size(
 MR_BIAS_FIELD_PROBABILITY = 0.5
 
 
+def _non_ct(modalities) -> list[str]:
+    """The channels that are not CT (MR: arbitrary units, a coil bias field)."""
+    return [m for m in modalities if m.strip().upper() != "CT"]
+
+
 def bias_field_probability(modalities) -> tuple[float, str]:
     """``(augment.bias_field_probability, why)`` from the channels' modalities.
 
@@ -250,7 +255,7 @@ def bias_field_probability(modalities) -> tuple[float, str]:
     cannot undo; training under random fields (TorchIO's RandomBiasField) lets a model
     trained on one scanner's images read another's.
     """
-    mr = [m for m in modalities if m.strip().upper() != "CT"]
+    mr = _non_ct(modalities)
     if not mr:
         return 0.0, "CT: no coil bias field (HU are physical)"
     return (
@@ -286,8 +291,9 @@ LAYOUT_LIMIT = 0.5
 MR_BIAS_PEDESTAL = (0.0, 2.0)
 
 
-def mirror_axes(layouts, ndim: int) -> tuple[tuple[int, ...], str]:
-    """``(augment.flip_axes, why)`` from the fingerprint's per-case class layouts.
+def mirror_axes(median, ndim: int) -> tuple[tuple[int, ...], str]:
+    """``(augment.flip_axes, why)`` from the median over cases of the fingerprint's class
+    layouts (one value per axis).
 
     nnU-Net mirrors every axis. Where the classes are laid out along an axis (the median
     case's :func:`~medseg.datasets.fingerprint.class_layout` ≥ :data:`LAYOUT_LIMIT`:
@@ -295,12 +301,11 @@ def mirror_axes(layouts, ndim: int) -> tuple[tuple[int, ...], str]:
     occipital lobe in front), and learning both orientations costs a short schedule much
     of its steps (Colin27 lobes, 627 steps: training loss 0.62 mirrored on all axes, 0.39
     mirrored left-right only). Bilateral and single-structure labels (kidneys, tumours)
-    keep every axis. ``layouts`` None (an older fingerprint): every axis.
+    keep every axis. ``median`` None (an older fingerprint): every axis.
     """
     every = tuple(range(ndim))
-    if layouts is None:
+    if median is None:
         return every, "every axis (nnU-Net; the fingerprint has no class layout: rebuild)"
-    median = np.median(np.asarray(layouts, np.float64).reshape(-1, ndim), axis=0)
     axes = tuple(a for a in every if median[a] < LAYOUT_LIMIT)
     shown = [round(float(v), 2) for v in median]
     if axes == every:
@@ -319,7 +324,7 @@ def bias_field_pedestal(modalities) -> tuple[tuple[float, float], str]:
     """``(augment.bias_field_pedestal, why)``: MR draws the field's pivot up to two signal
     ranges below the darkest value (a scanner's pedestal under the signal, scaled by the
     coil field with it); CT has no field."""
-    if all(m.strip().upper() == "CT" for m in modalities):
+    if not _non_ct(modalities):
         return (0.0, 0.0), "CT: no bias field"
     return MR_BIAS_PEDESTAL, (
         "MR: a signal pedestal (offset) is scaled by the coil field too; per-image z-scoring "
